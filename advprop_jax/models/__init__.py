@@ -1,0 +1,66 @@
+"""Model registry: `create_model(name, ...)` builds any supported network by name."""
+import dataclasses
+from typing import Any, Callable, Dict
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from advprop_jax.models import efficientnet
+
+# name -> (constructor, default keyword arguments)
+_REGISTRY: Dict[str, tuple] = {
+    name: (efficientnet.EfficientNet,
+           dict(width=s.width, depth=s.depth, dropout_rate=s.dropout))
+    for name, s in efficientnet.SCALING.items()
+}
+
+
+def register(name: str, constructor: Callable[..., nn.Module], **defaults) -> None:
+  _REGISTRY[name] = (constructor, defaults)
+
+
+def model_names():
+  return tuple(sorted(_REGISTRY))
+
+
+def _check_name(name: str):
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model name {name!r}; valid names: {", ".join(model_names())}')
+
+
+def default_image_size(name: str) -> int:
+  """Native training resolution of `name` (RECIPE §1)."""
+  _check_name(name)
+  return efficientnet.SCALING[name].resolution if name in efficientnet.SCALING else 224
+
+
+def default_crop_fraction(name: str) -> float:
+  _check_name(name)
+  return efficientnet.SCALING[name].crop_fraction if name in efficientnet.SCALING else 0.875
+
+
+def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32,
+                 **overrides) -> nn.Module:
+  """Builds model `name` (see `model_names()`); `overrides` set any constructor field.
+
+  Example: create_model('efficientnet-b0', width=0.25, depth=0.34, num_classes=10) for a tiny variant.
+  """
+  _check_name(name)
+  constructor, defaults = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(constructor) if f.init and f.name not in ('parent', 'name')}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'Unknown override(s) {unknown} for model {name!r}; allowed: {sorted(fields)}')
+  kwargs = {**defaults, **overrides, 'num_classes': num_classes, 'dtype': dtype}
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
+  distributions = tuple(kwargs.get('distributions', ('clean', 'adv')))
+  if 'clean' not in distributions or len(set(distributions)) != len(distributions):
+    raise ValueError(f'distributions={distributions!r} must contain \'clean\' and no duplicates')
+  for field in ('width', 'depth'):
+    if field in kwargs and not kwargs[field] > 0:
+      raise ValueError(f'{field} must be > 0, got {kwargs[field]!r}')
+  for field in ('dropout_rate', 'drop_connect_rate'):
+    if field in kwargs and not 0 <= kwargs[field] < 1:
+      raise ValueError(f'{field} must be in [0, 1), got {kwargs[field]!r}')
+  return constructor(**kwargs)
