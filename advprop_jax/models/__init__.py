@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from advprop_jax.models import efficientnet
+from advprop_jax.models import resnet
 
 # name -> (constructor, default keyword arguments)
 _REGISTRY: Dict[str, tuple] = {
@@ -17,6 +18,11 @@ _REGISTRY: Dict[str, tuple] = {
 
 def register(name: str, constructor: Callable[..., nn.Module], **defaults) -> None:
   _REGISTRY[name] = (constructor, defaults)
+
+
+# ResNet v1.5: 224 px / 0.875 crop, which default_image_size / default_crop_fraction give non-EfficientNets.
+for _name, _stage_sizes in resnet.STAGE_SIZES.items():
+  register(_name, resnet.ResNet, stage_sizes=_stage_sizes)
 
 
 def model_names():
