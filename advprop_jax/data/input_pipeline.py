@@ -1,0 +1,269 @@
+"""TFDS input pipelines: per-process sharded, deterministic, exactly resumable train; exact eval.
+
+Train order, per process: its shard (tfds.split_for_jax_process) is read with the image left encoded
+(SkipDecoding); epoch e is the shard shuffled with a seed derived from (seed, process, e) and numbered
+e*n .. e*n+n-1; epochs are concatenated (flat_map), so the element stream is a pure function of the
+seed. Resuming at batch k = skipping k*batch elements of that stream: whole epochs are skipped by
+starting the epoch counter later (free), the rest with .skip() on still-encoded records (no decoding).
+Augmentation randomness is keyed on (seed, process, element number) with stateless ops, so an element
+is augmented identically whether or not the run was interrupted.
+
+Eval: every process reads its even share, appends fully-masked padding and yields the same number of
+batches (ceil(ceil(N / processes) / batch)), so SPMD steps line up and each example counts once.
+"""
+import collections
+import logging
+import math
+import os
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from advprop_jax.data import preprocessing
+
+DIGITS = 'sklearn_digits'
+# Decoded images are cached in host RAM only when a process' shard is at most this big: caching
+# ImageNet exhausts host RAM (a known pain point), a 50k CIFAR-sized set does not.
+MAX_CACHED_EXAMPLES = 100_000
+# Signatures of the formats tf.io.decode_image reads; anything else is reported by record id.
+_IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG', b'GIF8', b'BM', b'RIFF')
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """ImageNet / EfficientNet-B0 defaults; configs override fields."""
+  c = ml_collections.ConfigDict()
+  c.dataset = 'imagenet2012'  # or any TFDS image-classification name, or 'sklearn_digits'
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # None: the TFDS default
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.image_size = 224
+  # Eval crop side = crop_fraction * min(h, w). None = the reference rule S/(S+32) (0.875 at 224),
+  # which stays right when only image_size is changed.
+  c.crop_fraction = ml_collections.config_dict.placeholder(float)
+  c.train_crop = 'inception'  # 'inception' | 'resize'
+  c.random_flip = True
+  c.augment = 'autoaugment'  # 'autoaugment' | 'randaugment' | 'none'
+  c.randaugment_layers = 2
+  c.randaugment_magnitude = 10
+  c.normalization = 'minus_one_one'  # 'minus_one_one' (x*2/255-1, AdvProp) | 'imagenet'
+  c.cache = False  # cache decoded, unaugmented images (small datasets only)
+  c.shuffle_buffer = 16384  # clamped to the process' shard size
+  c.skip_decode_errors = False
+  c.resize_method = 'bicubic'
+  return c
+
+
+# ------------------------------------------------------------------------------ dataset lookup
+def _builder(config) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder for config.dataset, or a clear error saying what is missing."""
+  name = config.dataset
+  if name == DIGITS:
+    from advprop_jax.data import digits  # noqa: F401  (registers the builder)
+  try:
+    builder = tfds.builder(name, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'Unknown dataset {name!r}: it is neither a registered TFDS dataset nor '
+                     f'{DIGITS!r}.') from e
+  features = builder.info.features
+  keys = set(features.keys()) if hasattr(features, 'keys') else set()
+  if not ({'image', 'label'} <= keys and isinstance(features['image'], tfds.features.Image)
+          and isinstance(features['label'], tfds.features.ClassLabel)):
+    raise ValueError(f'Dataset {name!r} is not an image-classification dataset: it needs an '
+                     f"'image' (Image) and a 'label' (ClassLabel) feature, it has {sorted(keys)}.")
+  if not builder.is_prepared():
+    if name == DIGITS:  # ships inside scikit-learn: build it in place, nothing is downloaded
+      builder.download_and_prepare()
+    else:
+      raise FileNotFoundError(
+          f'Dataset {name!r} (version {builder.version}) is not prepared in '
+          f'data_dir={builder.data_dir_root!r}: looked for {os.fspath(builder.data_path)!r}. '
+          f'Prepare it first, e.g. `tfds build {name} --data_dir={builder.data_dir_root}` (datasets '
+          'with a manual download, like imagenet2012, need the archives in '
+          '<data_dir>/downloads/manual first), or set data_config.data_dir to where it is.')
+  return builder
+
+
+def _split_info(builder, split):
+  try:
+    return builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'Unknown split {split!r} of dataset {builder.name!r} in '
+                     f'{builder.data_dir_root!r}; available: {sorted(builder.info.splits)}') from e
+
+
+def num_examples(data_config, split: str) -> int:
+  return _split_info(_builder(data_config), split).num_examples
+
+
+def num_classes(data_config) -> int:
+  return _builder(data_config).info.features['label'].num_classes
+
+
+def _process(process_index, process_count):
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if not 0 <= pi < pc:
+    raise ValueError(f'process_index={pi} is not in [0, process_count={pc})')
+  return pi, pc
+
+
+# ------------------------------------------------------------------------------------ reading
+def _options() -> tf.data.Options:
+  """Options for a TPU host: own thread pool, bounded autotune RAM, deterministic order."""
+  opts = tf.data.Options()
+  opts.deterministic = True  # resume and seeds rely on a fixed order
+  opts.threading.private_threadpool_size = max(2, os.cpu_count() or 2)  # not the JAX host's pool
+  opts.threading.max_intra_op_parallelism = 1  # parallelism comes from map, not inside ops
+  try:  # a quarter of physical RAM for autotuned buffers
+    opts.autotune.ram_budget = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 4
+  except (ValueError, OSError, AttributeError):
+    pass
+  return opts
+
+
+def _checked(image, record_id):
+  """Fails with the record id when `image` is not in a format decode_image reads."""
+  if image.dtype != tf.string:
+    return image
+  ok = tf.reduce_any(tf.stack(
+      [tf.equal(tf.strings.substr(image, 0, len(m)), m) for m in _IMAGE_MAGIC]))
+  check = tf.debugging.Assert(ok, ['Undecodable image in record', record_id])
+  with tf.control_dependencies([check]):
+    return tf.identity(image)
+
+
+def _records(builder, split, config, num_records):
+  """{'image': bytes (or decoded uint8 when cached), 'label': int32, 'id': record id}."""
+  read_config = tfds.ReadConfig(add_tfds_id=True, skip_prefetch=True, try_autocache=False)
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {'image': _checked(ex['image'], ex['tfds_id']),
+                          'label': tf.cast(ex['label'], tf.int32), 'id': ex['tfds_id']},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if _use_cache(config, num_records):
+    ds = ds.map(lambda ex: {**ex, 'image': preprocessing.decode_full(ex['image'])},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.cache()
+  return ds
+
+
+def _use_cache(config, num_records):
+  if not config.cache:
+    return False
+  if num_records > MAX_CACHED_EXAMPLES:
+    logging.warning('data_config.cache ignored: %d examples per process > %d would exhaust host '
+                    'RAM.', num_records, MAX_CACHED_EXAMPLES)
+    return False
+  return True
+
+
+# -------------------------------------------------------------------------------------- train
+def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> tf.data.Dataset:
+  """Infinite batches {'image': float32 [b,S,S,3], 'label': int32 [b]} of this process' shard.
+
+  With start_step=k it yields exactly what a fresh iterator yields from its batch k on (unless
+  skip_decode_errors dropped records, which shifts later batches).
+  """
+  pi, pc = _process(process_index, process_count)
+  builder = _builder(data_config)
+  _split_info(builder, data_config.train_split)
+  shard = tfds.split_for_jax_process(data_config.train_split, process_index=pi, process_count=pc)
+  n = builder.info.splits[shard].num_examples
+  if n == 0:
+    raise ValueError(f'Process {pi} of {pc} gets no examples of {data_config.train_split!r}.')
+  records = _records(builder, shard, data_config, n)
+  buffer = max(1, min(int(data_config.shuffle_buffer), n))
+
+  process_key = tf.random.experimental.stateless_fold_in(tf.constant([seed, pi], tf.int64), pc)
+  shuffle_key = tf.random.experimental.stateless_fold_in(process_key, 0)
+  augment_key = tf.random.experimental.stateless_fold_in(process_key, 1)
+
+  def epoch(e):
+    # Each epoch is its own shuffle of the (encoded) shard, seeded by the epoch number. (fold_in
+    # returns [hash(key), e], so hash it once more to get a scalar seed that depends on e.)
+    order_seed = tf.random.stateless_uniform(
+        [], seed=tf.random.experimental.stateless_fold_in(shuffle_key, e), minval=None,
+        maxval=None, dtype=tf.int64)
+    ds = records.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
+    return ds.enumerate().map(lambda i, ex: (e * n + i, ex))
+
+  first = start_step * per_process_batch_size
+  start_epoch, offset = divmod(first, n)
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
+  ds = ds.skip(offset)  # before decoding: only encoded records pass through
+
+  def prepare(index, ex):
+    element_seed = tf.random.experimental.stateless_fold_in(augment_key, index)
+    image = preprocessing.preprocess_for_train(
+        ex['image'], element_seed, image_size=data_config.image_size,
+        train_crop=data_config.train_crop, random_flip=data_config.random_flip,
+        augment=data_config.augment, randaugment_layers=data_config.randaugment_layers,
+        randaugment_magnitude=data_config.randaugment_magnitude,
+        normalization=data_config.normalization, resize_method=data_config.resize_method,
+        crop_fraction=data_config.crop_fraction)
+    return {'image': image, 'label': ex['label']}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if data_config.skip_decode_errors:
+    ds = ds.ignore_errors(log_warning=True)  # each skipped record is logged with its error
+  ds = ds.batch(per_process_batch_size, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+# --------------------------------------------------------------------------------------- eval
+def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None = None,
+                 process_index=None, process_count=None) -> tf.data.Dataset:
+  """One pass of {'image', 'label', 'mask' (float32, 0 = padding)} batches; every process yields
+  the same number of batches and the masks sum to the split size over all processes."""
+  split = split or data_config.eval_split
+  pi, pc = _process(process_index, process_count)
+  builder = _builder(data_config)
+  total = _split_info(builder, split).num_examples
+  shard = tfds.split_for_jax_process(split, process_index=pi, process_count=pc)
+  n = builder.info.splits[shard].num_examples
+  b = per_process_batch_size
+  num_batches = math.ceil(math.ceil(total / pc) / b)  # same on every process
+
+  def prepare(ex):
+    image = preprocessing.preprocess_for_eval(
+        ex['image'], image_size=data_config.image_size, crop_fraction=data_config.crop_fraction,
+        normalization=data_config.normalization, resize_method=data_config.resize_method)
+    return {'image': image, 'label': ex['label'], 'mask': tf.constant(1.0)}
+
+  ds = _records(builder, shard, data_config, n)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if data_config.skip_decode_errors:
+    ds = ds.ignore_errors(log_warning=True)
+  size = data_config.image_size
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([size, size, 3], tf.float32), 'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(0.0)}).repeat()
+  # take() rather than a computed pad count: stays exact even if errors were skipped.
+  ds = ds.concatenate(padding).take(num_batches * b).batch(b, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+# ----------------------------------------------------------------------------------- to device
+def global_batches(dataset, sharding: jax.sharding.Sharding, prefetch: int = 2) -> Iterator[dict]:
+  """Per-process numpy batches -> global jax.Arrays, keeping `prefetch` batches in flight.
+
+  make_array_from_process_local_data starts the host->device copies asynchronously, so holding a
+  few converted batches overlaps the transfer of batch t+1 with step t.
+  """
+  def to_global(batch):
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+  queue = collections.deque()
+  for batch in dataset.as_numpy_iterator():
+    queue.append(to_global(batch))
+    if len(queue) > prefetch:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
