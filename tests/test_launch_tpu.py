@@ -1,0 +1,265 @@
+"""launch_tpu.sh: the gcloud commands it would run (--dry-run), its option errors, and its shell syntax.
+
+No gcloud and no network needed: every case runs the script with --dry-run, which prints each command
+(shell-quoted, one per line, prefixed with '+ ') instead of running it.
+"""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'launch_tpu.sh')
+BASE = ['--name=ap-b0', '--zone=us-central2-b', '--dry-run']
+CONFIG = 'configs/efficientnet.py:b0'
+WORKDIR = 'gs://my-bucket/advprop/b0'
+
+
+def _env():
+  env = {k: v for k, v in os.environ.items() if not k.startswith('ADVPROP_')}
+  env['PATH'] = os.environ.get('PATH', '/usr/bin:/bin')
+  return env
+
+
+def run_script(*args, check=True):
+  proc = subprocess.run(['bash', SCRIPT, *args], capture_output=True, text=True, env=_env(),
+                        stdin=subprocess.DEVNULL, timeout=30)
+  if check:
+    assert proc.returncode == 0, proc.stderr
+  return proc
+
+
+def commands(*args):
+  """The printed commands, each as an argv list."""
+  proc = run_script(*args)
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert lines and all(l.startswith('+ ') for l in lines), proc.stdout
+  return [shlex.split(l[2:]) for l in lines]
+
+
+def gcloud(cmds):
+  return [c for c in cmds if c[0] == 'gcloud']
+
+
+def flag(argv, name):
+  values = [a.split('=', 1)[1] for a in argv if a.startswith(name + '=')]
+  assert len(values) == 1, (name, argv)
+  return values[0]
+
+
+def pinned_jax():
+  with open(os.path.join(ROOT, 'requirements.txt')) as f:
+    return re.search(r'^jax==(\S+)', f.read(), re.M).group(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shell syntax and lint
+# ---------------------------------------------------------------------------------------------------------
+def test_bash_syntax():
+  proc = subprocess.run(['bash', '-n', SCRIPT], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+
+
+def test_shellcheck():
+  if shutil.which('shellcheck') is None:
+    pytest.skip('shellcheck is not installed: only `bash -n` was checked (apt-get install shellcheck)')
+  proc = subprocess.run(['shellcheck', SCRIPT], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# create
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('accelerator,version', [
+    ('v4-8', 'tpu-ubuntu2204-base'),
+    ('v4-32', 'tpu-ubuntu2204-base'),
+    ('v4-128', 'tpu-ubuntu2204-base'),
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+    ('v5p-8', 'v2-alpha-tpuv5'),
+    ('v6e-8', 'v2-alpha-tpuv6e'),
+])
+def test_create_picks_runtime_version(accelerator, version):
+  [cmd] = commands('create', *BASE, f'--accelerator={accelerator}')
+  assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'ap-b0']
+  assert flag(cmd, '--zone') == 'us-central2-b'
+  assert flag(cmd, '--accelerator-type') == accelerator
+  assert flag(cmd, '--version') == version
+  assert '--spot' not in cmd and '--preemptible' not in cmd
+
+
+def test_create_options():
+  [cmd] = commands('create', *BASE, '--accelerator', 'v4-32', '--version', 'custom-rt', '--spot',
+                   '--project=my-proj')
+  assert flag(cmd, '--version') == 'custom-rt'
+  assert flag(cmd, '--project') == 'my-proj'
+  assert '--spot' in cmd
+  [cmd] = commands('create', *BASE, '--accelerator=v4-32', '--preemptible')
+  assert '--preemptible' in cmd
+
+
+def test_create_unknown_accelerator_needs_version():
+  proc = run_script('create', *BASE, '--accelerator=x9-4', check=False)
+  assert proc.returncode == 2 and '--version' in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, '.git')),
+                    reason='setup ships the git HEAD: needs a git checkout')
+def test_setup_same_code_and_pinned_versions_on_all_workers():
+  cmds = commands('setup', *BASE)
+  remote = gcloud(cmds)
+  # Every remote step targets all workers.
+  assert all(flag(c, '--worker') == 'all' for c in remote)
+  scp = [c for c in remote if c[4] == 'scp']
+  assert len(scp) == 1 and scp[0][5].endswith('.tar.gz')
+  ssh = [flag(c, '--command') for c in remote if c[4] == 'ssh']
+  assert len(ssh) == 3  # unpack code, install, version check
+  install = shlex.split(ssh[1].replace(';', ' ; '))
+  assert '-r' in install and install[install.index('-r') + 1] == 'requirements.txt'
+  jax_tpu = [a for a in install if a.startswith('jax[tpu]')]
+  assert jax_tpu == [f'jax[tpu]=={pinned_jax()}']
+  assert 'https://storage.googleapis.com/jax-releases/libtpu_releases.html' in install
+  # One install resolves requirements.txt and jax[tpu] together, into the repo's venv.
+  assert '.venv/bin/python' in install
+  check = ssh[2]
+  assert 'import jax; print(jax.__version__, jax.device_count())' in check
+  # The shipped archive is this checkout's HEAD.
+  [archive] = [c for c in cmds if c[0] == 'git']
+  assert 'archive' in archive and archive[-1] == 'HEAD'
+
+
+def test_setup_git_clone_at_commit():
+  cmds = gcloud(commands('setup', *BASE, '--git-url=https://example.com/advprop_jax.git',
+                         '--commit=0123abcd', '--repo-dir=src/ap'))
+  assert not [c for c in cmds if c[4] == 'scp']
+  clone = flag(cmds[0], '--command')
+  assert 'git clone --quiet https://example.com/advprop_jax.git src/ap' in clone
+  assert 'checkout --quiet --detach 0123abcd' in clone
+  assert all(flag(c, '--worker') == 'all' for c in cmds)
+  assert all('cd src/ap' in flag(c, '--command') for c in cmds[1:])
+
+
+def test_setup_git_url_requires_commit():
+  proc = run_script('setup', *BASE, '--git-url=https://example.com/x.git', check=False)
+  assert proc.returncode == 2 and '--commit' in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train / status / logs / stop / delete
+# ---------------------------------------------------------------------------------------------------------
+def _trainer_argv(remote_cmd):
+  """The argv of the trainer inside the remote command line of `train`."""
+  words = shlex.split(remote_cmd)
+  start = words.index('nohup') + 1
+  end = words.index('>', start)
+  return words[start:end]
+
+
+def test_train_kills_stale_then_starts_same_command_everywhere():
+  cmds = commands('train', *BASE, f'--config={CONFIG}', f'--workdir={WORKDIR}', '--',
+                  '--config.data.data_dir=gs://my-bucket/tensorflow_datasets',
+                  '--config.method=advprop', '--config.note=two words')
+  assert len(cmds) == 2 and all(c[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'] for c in cmds)
+  assert all(flag(c, '--worker') == 'all' for c in cmds)
+  kill, train = (flag(c, '--command') for c in cmds)
+  # The kill step comes first and does not match its own shell (bracketed pattern).
+  assert 'pkill' in kill and '[a]dvprop_jax[.]main' in kill and 'advprop_jax.main' not in kill
+  assert 'nohup' not in kill
+  assert train.startswith('mkdir -p ~/advprop_logs && cd advprop_jax && ')
+  assert train.rstrip().endswith('&')
+  argv = _trainer_argv(train)
+  assert argv == ['.venv/bin/python', '-m', 'advprop_jax.main', f'--config={CONFIG}',
+                  f'--workdir={WORKDIR}', '--config.data.data_dir=gs://my-bucket/tensorflow_datasets',
+                  '--config.method=advprop', '--config.note=two words']
+  log = shlex.split(train)[shlex.split(train).index('>') + 1]
+  assert re.fullmatch(r'~/advprop_logs/train_\d{8}_\d{6}\.log', log)
+  assert '< /dev/null' in train and '2>&1' in train
+
+
+def test_train_warns_on_local_workdir():
+  proc = run_script('train', *BASE, f'--config={CONFIG}', '--workdir=/tmp/wd')
+  assert 'not on GCS' in proc.stderr
+
+
+def test_status_all_workers():
+  [cmd] = commands('status', *BASE, '--lines=7')
+  assert flag(cmd, '--worker') == 'all'
+  remote = flag(cmd, '--command')
+  assert 'pgrep' in remote and 'tail -n 7 ~/advprop_logs/latest.log' in remote
+
+
+def test_logs_worker_selection():
+  [cmd] = commands('logs', *BASE)
+  assert flag(cmd, '--worker') == '0'
+  assert flag(cmd, '--command') == 'tail -n 100 ~/advprop_logs/latest.log'
+  [cmd] = commands('logs', *BASE, '--worker=3', '--follow')
+  assert flag(cmd, '--worker') == '3'
+  assert flag(cmd, '--command').startswith('tail -F ')
+
+
+def test_stop_all_workers():
+  [cmd] = commands('stop', *BASE)
+  assert flag(cmd, '--worker') == 'all'
+  assert 'pkill -TERM' in flag(cmd, '--command') and 'pkill -KILL' in flag(cmd, '--command')
+
+
+def test_delete():
+  [cmd] = commands('delete', *BASE, '--yes')
+  assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'ap-b0'] and '--quiet' in cmd
+  # Without --yes and without an answer (stdin closed) nothing is deleted.
+  proc = run_script('delete', '--name=ap-b0', '--zone=z', check=False)
+  assert proc.returncode != 0 and 'not deleted' in proc.stderr
+
+
+def test_env_defaults():
+  env = _env()
+  env.update(ADVPROP_TPU_NAME='env-tpu', ADVPROP_TPU_ZONE='europe-west4-a')
+  proc = subprocess.run(['bash', SCRIPT, 'stop', '--dry-run'], capture_output=True, text=True, env=env)
+  assert proc.returncode == 0, proc.stderr
+  cmd = shlex.split(proc.stdout.strip()[2:])
+  assert cmd[5] == 'env-tpu' and flag(cmd, '--zone') == 'europe-west4-a'
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('args,option', [
+    (['create', '--zone=z', '--accelerator=v4-8', '--dry-run'], '--name'),
+    (['create', '--name=n', '--accelerator=v4-8', '--dry-run'], '--zone'),
+    (['create', '--name=n', '--zone=z', '--dry-run'], '--accelerator'),
+    (['setup', '--name=n', '--dry-run'], '--zone'),
+    (['train', '--name=n', '--zone=z', f'--workdir={WORKDIR}', '--dry-run'], '--config'),
+    (['train', '--name=n', '--zone=z', f'--config={CONFIG}', '--dry-run'], '--workdir'),
+    (['status', '--zone=z', '--dry-run'], '--name'),
+    (['logs', '--name=n', '--dry-run'], '--zone'),
+    (['stop', '--zone=z', '--dry-run'], '--name'),
+    (['delete', '--name=n', '--dry-run'], '--zone'),
+])
+def test_missing_option_exit_2(args, option):
+  proc = run_script(*args, check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert option in proc.stderr
+  assert not proc.stdout.strip()  # nothing was run or printed
+
+
+@pytest.mark.parametrize('args', [['bogus'], [], ['status', '--name=n', '--zone=z', '--bogus-option']])
+def test_usage_errors_exit_2(args):
+  proc = run_script(*args, check=False)
+  assert proc.returncode == 2
+  assert 'error' in proc.stderr
+
+
+def test_extra_args_only_for_train():
+  proc = run_script('stop', *BASE, '--', '--config.x=1', check=False)
+  assert proc.returncode == 2
+
+
+def test_help():
+  proc = run_script('--help')
+  for word in ('create', 'setup', 'train', 'status', 'logs', 'stop', 'delete', '--dry-run'):
+    assert word in proc.stdout
