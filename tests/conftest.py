@@ -15,3 +15,21 @@ import jax  # noqa: E402  (after the flag)
 jax.config.update('jax_compilation_cache_dir', os.environ.get(
     'ADVPROP_JAX_TEST_CACHE', os.path.join(os.path.dirname(__file__), '..', '.jax_cache')))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+import pytest  # noqa: E402
+
+
+def tiny_efficientnet(**overrides):
+  """A few-block EfficientNet that compiles in seconds: the B0 builder with small multipliers."""
+  from advprop_jax.models import create_model
+  from advprop_jax.models.efficientnet import B0_STAGES
+  kwargs = dict(width=0.25, depth=0.25, dropout_rate=0.0, drop_connect_rate=0.0,
+                stages=B0_STAGES[:3], head_features=64, depthwise_impl='grouped')
+  kwargs.update(overrides)
+  num_classes = kwargs.pop('num_classes', 10)
+  return create_model('efficientnet-b0', num_classes=num_classes, **kwargs)
+
+
+@pytest.fixture(scope='session')
+def tiny_model_factory():
+  return tiny_efficientnet
