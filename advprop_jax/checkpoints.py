@@ -1,0 +1,232 @@
+"""Orbax checkpointing of the TrainState: periodic + preemption saves, resume, inference export.
+
+On-disk layout (one orbax CheckpointManager rooted at `<workdir>/checkpoints`)::
+
+  <workdir>/checkpoints/<step>/state/        the TrainState pytree (orbax StandardSave, OCDBT/zarr)
+  <workdir>/checkpoints/<step>/extra/        small JSON dict of the training loop (data position, seeds)
+  <workdir>/checkpoints/<step>/fingerprint/  JSON config fingerprint of the run that wrote the step
+  <workdir>/checkpoints/<step>/_CHECKPOINT_METADATA
+  <workdir>/checkpoints/<step>.orbax-checkpoint-tmp-<ts>/   a save in flight, or one killed mid-write
+
+Orbax writes a step into the tmp directory and renames it when complete (on GCS: a commit_success.txt
+file instead), so a half-written step is never listed; we additionally require _CHECKPOINT_METADATA.
+The fingerprint is stored in every step and compared before any array is read: resuming a run with
+another model/method/... raises CheckpointMismatchError and leaves the workdir untouched.
+
+Preemption: orbax's preemption sync point (jax.distributed's preemption service, which itself listens
+to SIGTERM on multi-host jobs) and, in single-process jobs, our own SIGTERM handler that only sets a
+flag. Either makes the next `should_save(step)` True; the loop then saves and exits.
+"""
+import atexit
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+_STATE, _EXTRA, _FINGERPRINT = 'state', 'extra', 'fingerprint'
+_ITEMS = (_STATE, _EXTRA, _FINGERPRINT)
+_STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+_TMP_MARKER = '.orbax-checkpoint-tmp'
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint was written by a run with a different configuration."""
+
+
+def _jsonable(d: dict) -> dict:
+  return json.loads(json.dumps(dict(d), sort_keys=True, default=str))
+
+
+def _complete_steps(manager: ocp.CheckpointManager) -> list:
+  """Steps orbax lists as finalized that also have their step metadata file, newest first."""
+  manager.reload()
+  steps = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    path = manager.directory / str(step)  # default step naming: no prefix, no padding
+    if (path / _STEP_METADATA_FILE).exists() and all((path / item).exists() for item in _ITEMS):
+      steps.append(step)
+    else:
+      logging.warning('Ignoring incomplete checkpoint %s', path)
+  return steps
+
+
+def _manager(directory: str, *, keep: int = 1, async_save: bool = False,
+             read_only: bool = False) -> ocp.CheckpointManager:
+  # Read-only (inference) managers read 'state' with the PyTree handler (restore as numpy, no target).
+  state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      enable_async_checkpointing=async_save,
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=False,  # done at the first save, so a refused resume modifies nothing
+  )
+  handlers = {_STATE: state_handler, _EXTRA: ocp.JsonCheckpointHandler(),
+              _FINGERPRINT: ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+
+
+class Checkpointer:
+  """Saves/restores the TrainState under `<workdir>/checkpoints`. Every process must call every method."""
+
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, config_fingerprint: dict,
+               async_save: bool = True):
+    if every_steps <= 0 or keep <= 0:
+      raise ValueError(f'every_steps ({every_steps}) and keep ({keep}) must be positive')
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.every_steps = every_steps
+    self.fingerprint = _jsonable(config_fingerprint)
+    self._manager = _manager(self.directory, keep=keep, async_save=async_save)
+    self._sigterm = False
+    self._orbax_preempted = False
+    self._cleaned_tmp = False
+    self._closed = False
+    self._previous_handler = None
+    # Multi-host: jax's preemption service owns SIGTERM (it syncs the save step across hosts);
+    # replacing its handler would make hosts disagree on when to save.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    # A save still in flight at a normal exit must complete. atexit is too late: by then
+    # concurrent.futures refuses new work and orbax's async save fails (leaving only a tmp dir), so hook
+    # into the interpreter's pre-thread-join shutdown, where concurrent.futures itself hooks (LIFO).
+    register = getattr(threading, '_register_atexit', atexit.register)
+    register(self._close_at_exit)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    self._sigterm = True  # only a flag: the training loop saves at the next step and exits
+
+  def _close_at_exit(self):
+    if not self._closed:
+      logging.info('Checkpointer not closed before exit: finishing in-flight saves')
+      self.close()
+
+  @property
+  def preempted(self) -> bool:
+    return self._sigterm or self._orbax_preempted
+
+  def should_save(self, step: int) -> bool:
+    """True every `every_steps` steps and once preemption was requested. Call it every step."""
+    if self._manager.reached_preemption(step):
+      self._orbax_preempted = True
+    return step % self.every_steps == 0 or self.preempted
+
+  def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
+    """Starts an (async) save of `state` + `extra` at `step`; False when skipped (not due, or exists)."""
+    step = int(step)
+    if not (force or self.should_save(step)):
+      return False
+    if step in self._manager.all_steps():
+      self._manager.wait_until_finished()
+      if step in _complete_steps(self._manager):
+        return False  # e.g. the preemption save falls on a step already saved
+      self._manager.delete(step)  # an incomplete directory in the way of this save
+    if not self._cleaned_tmp:
+      self._cleanup_stale_tmp()
+    return self._manager.save(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _EXTRA: ocp.args.JsonSave(_jsonable(extra)),
+        _FINGERPRINT: ocp.args.JsonSave(self.fingerprint),
+    }), force=True)
+
+  def _cleanup_stale_tmp(self):
+    """Removes tmp dirs of saves killed mid-write by an earlier run (nothing of ours is in flight)."""
+    self._cleaned_tmp = True
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if _TMP_MARKER in name:
+          logging.info('Removing stale partial checkpoint %s', name)
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+  def restore_latest(self, abstract_state, mesh):
+    """(state, extra) from the newest complete checkpoint, replicated on `mesh`; (None, {}) if none."""
+    self._manager.wait_until_finished()
+    steps = _complete_steps(self._manager)
+    if not steps:
+      return None, {}
+    step = steps[0]
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        **{_FINGERPRINT: ocp.args.JsonRestore()}))[_FINGERPRINT]
+    _check_fingerprint(saved, self.fingerprint, os.path.join(self.directory, str(step)))
+    sharding = NamedSharding(mesh, P())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(target),
+        _EXTRA: ocp.args.JsonRestore(),
+    }))
+    logging.info('Restored checkpoint step %d from %s', step, self.directory)
+    return restored[_STATE], dict(restored[_EXTRA] or {})
+
+  def wait(self):
+    """Blocks until in-flight async saves are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    """Finishes in-flight saves, closes the manager and restores the previous SIGTERM handler."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._manager.close()
+    finally:
+      if self._previous_handler is not None:
+        signal.signal(signal.SIGTERM, self._previous_handler)
+        self._previous_handler = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _check_fingerprint(saved: dict, current: dict, where: str):
+  saved = dict(saved or {})
+  keys = sorted(k for k in set(saved) | set(current) if saved.get(k, '<absent>') != current.get(k, '<absent>'))
+  if keys:
+    diffs = '; '.join(f'{k}: saved {saved.get(k, "<absent>")!r} vs current {current.get(k, "<absent>")!r}'
+                      for k in keys)
+    raise CheckpointMismatchError(
+        f'The checkpoint {where} was written by a run with a different configuration ({diffs}). '
+        f'Resuming it with this configuration would be wrong; nothing was modified. Use a new --workdir '
+        f'for this configuration, or rerun with the original settings to resume that run.')
+
+
+def load_inference_variables(workdir: str, *, ema: bool = True):
+  """Newest checkpoint's (EMA) weights as host numpy flax variables, plus its config fingerprint.
+
+  Returns ({'params': ..., 'batch_stats': ..., 'batch_stats_adv': ...}, fingerprint). Needs no mesh
+  and no abstract state: the arrays are restored as np.ndarray whatever sharding they were saved with.
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'No checkpoint directory {directory}: was {workdir} used as --workdir '
+                            'for training?')
+  manager = _manager(directory, read_only=True)
+  try:
+    steps = _complete_steps(manager)
+    if not steps:
+      raise FileNotFoundError(f'No complete checkpoint in {directory}')
+    step = steps[0]
+    metadata = manager.item_metadata(step)[_STATE]
+    metadata = getattr(metadata, 'tree', metadata)
+    keys = ('ema_params', 'ema_model_state') if ema else ('params', 'model_state')
+    item = {k: metadata[k] for k in keys}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        _FINGERPRINT: ocp.args.JsonRestore(),
+    }))
+  finally:
+    manager.close()
+  state = restored[_STATE]
+  variables = {'params': state[keys[0]], **state[keys[1]]}
+  return jax.tree.map(np.asarray, variables), dict(restored[_FINGERPRINT] or {})
