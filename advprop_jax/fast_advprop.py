@@ -1,0 +1,193 @@
+"""Fast AdvProp (Mei et al., ICLR 2022; RECIPE §4): AdvProp at about the cost of vanilla training.
+
+Config `config.fast_advprop`: `adv_fraction` (share of each loader batch used as the adversarial
+source; the loader draws global_batch / (1 - adv_fraction) images), `noise_weight` (weight of the reused
+attack gradient), `adv_weight` (weight of the adversarial pass). The attack is `config.attack` with one
+untargeted step of size epsilon (`epsilon_pixels`; `random_start` is honoured, other fields are fixed).
+
+Per device, the shard holds n_clean + n_adv images, n_adv = round(adv_fraction * shard):
+  1. the first n_clean images: clean pass, main BN, train mode, updates `batch_stats` (weight 1);
+  2. the last n_adv images, DIFFERENT images (decoupled from the clean ones): one FGSM step with the aux
+     BN in train mode (batch statistics, running statistics untouched). The single backward pass of that
+     step gives the input gradient (for the attack) and the parameter gradient, which is reused as a
+     training gradient with weight `noise_weight` (the "noise" gradient) instead of being thrown away;
+  3. the adversarial examples are shuffled across BN groups (see `shuffle_across_groups`), then the
+     adversarial pass runs with the aux BN, train mode, updating `batch_stats_adv` (weight `adv_weight`).
+Each parameter group's summed gradient is divided by its own weighted sample count (`group_divisors`),
+so shared weights, main BNs and aux BNs all move at the same speed (RECIPE: 320 / 256 / 64 for 256+64).
+The gradient is not the gradient of one scalar loss, hence a builder registered with objectives.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax import lax
+
+from advprop_jax import attacks
+from advprop_jax import objectives
+from advprop_jax import optim
+from advprop_jax import parallel
+from advprop_jax.layers import CLEAN, param_suffix
+
+ADV = 'adv'
+
+
+def split_sizes(shard_size: int, adv_fraction: float):
+  """(n_clean, n_adv) of one device's shard; static, since shapes are."""
+  n_adv = int(round(adv_fraction * shard_size))
+  if not 0 < n_adv < shard_size:
+    raise ValueError(f'fast_advprop: a shard of {shard_size} images with adv_fraction={adv_fraction} '
+                     f'leaves {n_adv} adversarial and {shard_size - n_adv} clean images; both must be '
+                     '> 0 (use a larger batch)')
+  return shard_size - n_adv, n_adv
+
+
+def group_divisors(params, n_clean: int, n_adv: int, noise_weight: float, adv_weight: float):
+  """Per-leaf divisor of the summed gradient: each group's sample count x weight.
+
+  Shared weights see every pass: n_clean * 1 + n_adv * (noise_weight + adv_weight). Main-BN scale/bias
+  see only the clean pass (n_clean); aux-BN scale/bias the attack backward and the adversarial pass
+  (n_adv * (noise_weight + adv_weight)).
+  """
+  aux = n_adv * (noise_weight + adv_weight)
+  is_shared = traverse_util.flatten_dict(optim.not_batchnorm_mask(params))
+  suffix = param_suffix(ADV)
+  divisors = {}
+  for path, shared in is_shared.items():
+    if shared:
+      divisors[path] = n_clean + aux
+    else:
+      divisors[path] = aux if path[-1].endswith(suffix) else float(n_clean)
+  return traverse_util.unflatten_dict(divisors)
+
+
+def attack_step(passes, params, model_state, x, labels, rng, *, settings, loss_fn):
+  """One untargeted FGSM step with the aux BN in train mode, and the parameter gradient of its loss.
+
+  ONE `jax.value_and_grad` w.r.t. (params, input): the backward pass the attack needs anyway also yields
+  d(sum loss)/d(params) at the attack's starting point (x itself unless `random_start`), which Fast
+  AdvProp reuses. Returns (x_adv with gradients stopped, summed loss, parameter gradient, logits).
+  """
+  start_rng, dropout_rng = jax.random.split(rng)
+  eps = jnp.asarray(settings['epsilon'], x.dtype)
+
+  def project(z):  # back into the eps-ball around x, then into the valid input range
+    return jnp.clip(jnp.clip(z, x - eps, x + eps), settings['clip_min'], settings['clip_max'])
+
+  x0 = x
+  if settings['random_start'] > 0:
+    x0 = project(x + attacks.random_start_delta(start_rng, x, eps, settings['random_start']))
+
+  def loss(p, z):  # summed, like objectives' attacks: per-example input gradients not scaled by 1/n
+    logits, _ = passes(p, model_state, z, distribution=ADV, train=True, rng=dropout_rng,
+                       update_stats=False)
+    return jnp.sum(loss_fn(logits, labels)), logits
+
+  (loss_sum, logits), (param_grads, input_grad) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(params, x0)
+  step = jnp.asarray(settings['step_size'], x.dtype)
+  x_adv = project(x0 + step * jnp.sign(input_grad).astype(x.dtype))
+  return lax.stop_gradient(x_adv), loss_sum, param_grads, logits
+
+
+def _axis_size(axis_name):
+  """Size of a bound mesh axis, or None when not inside a shard_map over it (e.g. a plain jit)."""
+  try:
+    return lax.axis_size(axis_name)
+  except NameError:
+    return None
+
+
+def shuffle_across_groups(tree, rng, axis_name=parallel.REPLICA_AXIS):
+  """Re-deals the adversarial sub-batch (a pytree of [n, ...] arrays) over the BN groups.
+
+  Why: the examples were crafted with the aux BN's batch statistics of their own BN group; normalising
+  them again together would let the label-dependent perturbations talk to each other through those
+  statistics. BN groups are the `replica` axis of the mesh (devices along `bn` share statistics), so
+  the exchange runs over `replica`:
+    * first a random permutation within the device (per-device rng), so which examples travel differs
+      every step; on one device / one group this is all that happens (BN statistics are permutation
+      invariant there, so it changes no number — there is no other group to mix with);
+    * with G > 1 groups, the n examples are cut into c = min(n, G) near-equal chunks and chunk i moves
+      i groups forward (same position in the group). When c = G and the chunks are equal this is exactly
+      an all_to_all (one collective; the recipe's 64 examples over <= 8 groups); otherwise c - 1 fixed
+      cyclic ppermutes. Either way every group then holds examples from c different groups (at most
+      ceil(n / c) of its own), and the overall mapping is a permutation of the global adversarial batch.
+  """
+  leaves = jax.tree.leaves(tree)
+  n = leaves[0].shape[0]
+  perm = jax.random.permutation(rng, n)
+  tree = jax.tree.map(lambda a: a[perm], tree)
+  groups = _axis_size(axis_name)
+  if not groups or groups == 1:
+    return tree
+  if n % groups == 0:
+    return jax.tree.map(lambda a: lax.all_to_all(a, axis_name, 0, 0, tiled=True), tree)
+  num_chunks = min(n, groups)
+  bounds = np.linspace(0, n, num_chunks + 1).round().astype(int)
+
+  def deal(a):
+    chunks = []
+    for i in range(num_chunks):
+      chunk = a[bounds[i]:bounds[i + 1]]
+      if i:
+        chunk = lax.ppermute(chunk, axis_name, [(g, (g + i) % groups) for g in range(groups)])
+      chunks.append(chunk)
+    return jnp.concatenate(chunks)
+  return jax.tree.map(deal, tree)
+
+
+def build(model, config, passes):
+  """Registered builder: `(params, model_state, batch, rng) -> (grads, new_model_state, metrics)`."""
+  fa = config.fast_advprop
+  noise_w, adv_w = float(fa.noise_weight), float(fa.adv_weight)
+  if noise_w < 0 or adv_w < 0 or noise_w + adv_w <= 0:
+    raise ValueError(f'fast_advprop: noise_weight={noise_w}, adv_weight={adv_w} must be >= 0 with a '
+                     'positive sum (the aux BN group would have no samples)')
+  if ADV not in tuple(model.distributions):
+    raise ValueError(f'fast_advprop needs a model with an {ADV!r} BN distribution')
+  settings = objectives.attack_settings(config.attack, config.data.normalization)
+  settings.update(step_size=settings['epsilon'], num_steps=1, targeted=False)
+
+  def loss_fn(logits, labels):  # the training loss: its parameter gradient is reused for training
+    return objectives.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
+
+  def grad_fn(params, model_state, batch, rng):
+    x, labels = batch['image'], batch['label']
+    n_clean, n_adv = split_sizes(labels.shape[0], fa.adv_fraction)
+    attack_rng, shuffle_rng, clean_rng, adv_rng = jax.random.split(rng, 4)
+
+    x_adv, noise_sum, noise_grads, noise_logits = attack_step(
+        passes, params, model_state, x[n_clean:], labels[n_clean:], attack_rng,
+        settings=settings, loss_fn=loss_fn)
+    x_adv, adv_labels = shuffle_across_groups((x_adv, labels[n_clean:]), shuffle_rng)
+
+    def summed_loss(p):  # clean pass (main BN) + weighted adversarial pass (aux BN), summed over samples
+      clean_logits, state = passes(p, model_state, x[:n_clean], distribution=CLEAN, train=True,
+                                   rng=clean_rng)
+      adv_logits, state = passes(p, state, x_adv, distribution=ADV, train=True, rng=adv_rng)
+      clean_sum = jnp.sum(loss_fn(clean_logits, labels[:n_clean]))
+      adv_sum = jnp.sum(loss_fn(adv_logits, adv_labels))
+      return clean_sum + adv_w * adv_sum, (state, clean_logits, adv_logits, clean_sum, adv_sum)
+
+    sum_grads, (model_state, clean_logits, adv_logits, clean_sum, adv_sum) = jax.grad(
+        summed_loss, has_aux=True)(params)
+    divisors = group_divisors(params, n_clean, n_adv, noise_w, adv_w)
+    grads = jax.tree.map(lambda g, gn, d: (g + noise_w * gn) / d, sum_grads, noise_grads, divisors)
+    loss = (clean_sum + noise_w * noise_sum + adv_w * adv_sum) / (n_clean + n_adv * (noise_w + adv_w))
+    if config.l2_weight:
+      l2, l2_grads = jax.value_and_grad(optim.l2_loss)(params)
+      grads = jax.tree.map(lambda g, r: g + config.l2_weight * r, grads, l2_grads)
+      loss = loss + config.l2_weight * l2
+    metrics = dict(
+        clean_loss=clean_sum / n_clean, clean_accuracy=objectives.accuracy(clean_logits, labels[:n_clean]),
+        adv_loss=adv_sum / n_adv, adv_accuracy=objectives.accuracy(adv_logits, adv_labels),
+        attack_success=jnp.mean(jnp.argmax(adv_logits, -1) != adv_labels),
+        noise_loss=noise_sum / n_adv,
+        noise_accuracy=objectives.accuracy(noise_logits, labels[n_clean:]),
+        loss=loss)
+    return grads, model_state, metrics
+  return grad_fn
+
+
+objectives.register_method('fast_advprop', build)
