@@ -1,0 +1,296 @@
+"""Train-step throughput, compile time, peak memory and MFU of the real training step.
+
+  python -m benchmarks.throughput --model=efficientnet-b0 --method=advprop --batch=16 \
+      --image_size=224 --dtype=float32 --steps=5 [--attack_steps=K] [--remat] [--bn_group_size=k] \
+      [--model_overrides='{"width": 0.25}'] [--peak_flops=F]
+  python -m benchmarks.throughput --methods=vanilla,advprop --attack_steps=1,5   # one process, compared
+
+The model, optimizer and step are built exactly as training builds them (trainer.build_model /
+build_optimizer, train.create_train_state / make_train_step over the mesh of all local devices), from
+`advprop_jax.config.base_config()`; the batch is synthetic and already on the mesh, so only the step is
+timed. Compilation is timed separately (trace+lower, then compile). FLOPs come from XLA's cost analysis
+of the compiled step (per-device program); MFU = achieved FLOP/s / the device's peak FLOP/s (table below,
+or --peak_flops). `images_per_sec` counts images drawn from the loader (the clean batch), so methods that
+do more work per image (AdvProp) compare on the same data. The last line printed is JSON (a list when
+several runs are made: one object per run, plus the cost-model comparison).
+
+Cost model: AdvProp with K PGD steps costs ~(K + 2) x a vanilla step (K attack forward+backward passes,
+plus the clean and the adversarial training forward+backward).
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Peak dense FLOP/s per device, (device-kind substring, lowercase) -> {dtype: flops}. Published numbers:
+# H100/H200 SXM: 989 TFLOP/s bf16 dense tensor core, 67 TFLOP/s fp32 (non-tensor core; 'float32' here
+# means XLA's default precision, which on H100 may use TF32 tensor cores: MFU vs 67e12 can exceed 1 then).
+# TPUs: the bf16 MXU peak (fp32 matmuls are done as several bf16 passes), used for both dtypes.
+PEAK_FLOPS = {
+    'h100': {'bfloat16': 989e12, 'float32': 67e12},
+    'h200': {'bfloat16': 989e12, 'float32': 67e12},
+    'tpu v4': {'bfloat16': 275e12, 'float32': 275e12},
+    'tpu v5 lite': {'bfloat16': 197e12, 'float32': 197e12},  # v5e
+    'tpu v5e': {'bfloat16': 197e12, 'float32': 197e12},
+    'tpu v5p': {'bfloat16': 459e12, 'float32': 459e12},
+    'tpu v5': {'bfloat16': 459e12, 'float32': 459e12},  # v5p reports 'TPU v5'
+    'tpu v6 lite': {'bfloat16': 918e12, 'float32': 918e12},  # v6e (Trillium)
+    'tpu v6e': {'bfloat16': 918e12, 'float32': 918e12},
+}
+# This 2-core AMD EPYC VM (AVX2+FMA), as measured by measure_cpu_peak() (best of 1024^3 fp32 matmuls
+# using both cores, jaxlib 0.10.2): the per-*process* CPU peak, since XLA:CPU is one device for all cores.
+CPU_MEASURED_PEAK_FLOPS = {'float32': 87e9, 'bfloat16': 87e9}
+
+
+def measure_cpu_peak(n: int = 2048, reps: int = 5) -> float:
+  """Best fp32 FLOP/s of an n^3 matmul on the default device (all its threads)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = math.inf
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def device_peak_flops(device, dtype: str):
+  """(peak FLOP/s per device, source) for `device`, or (None, reason)."""
+  kind = device.device_kind.lower()
+  if device.platform == 'cpu':
+    return CPU_MEASURED_PEAK_FLOPS[dtype], 'cpu-as-measured (2-core EPYC VM table entry)'
+  for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific first
+    if key in kind:
+      return PEAK_FLOPS[key][dtype], f'published {key} {dtype}'
+  return None, f'unknown device kind {device.device_kind!r}: pass --peak_flops'
+
+
+def peak_memory(device):
+  """(bytes, source): the device allocator's peak, or the process max RSS where there is none (CPU)."""
+  stats = None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  rss *= 1 if sys.platform == 'darwin' else 1024  # Linux reports KiB
+  return int(rss), 'process max RSS (no device memory_stats on this backend)'
+
+
+def _flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', float('nan')))
+
+
+def _attacks(config):
+  """[(distribution, num_steps)] of the PGD attacks one step of `config.method` runs."""
+  from advprop_jax import attacks, objectives
+  def steps(eps):
+    return int(config.attack.num_steps or attacks.default_num_steps(eps))
+  if config.method == 'advprop':
+    return [('adv', steps(config.attack.epsilon_pixels))]
+  if config.method == 'adv_train':
+    return [('clean', steps(config.attack.epsilon_pixels))]
+  if config.method == 'fine_grained_advprop':
+    return [(f'adv{i + 1}', steps(e)) for i, e in enumerate(config.fine_grained_epsilons_pixels)]
+  return []
+
+
+def attack_loop_flops(model, config, state, per_device_batch: int) -> float:
+  """FLOPs XLA's cost analysis leaves out of a step: PGD iterations 2..K.
+
+  HloCostAnalysis counts a while loop's body once, whatever its trip count, and pgd() runs K > 1 steps
+  in a fori_loop. One iteration is a forward + input-gradient pass of the attacked model (plus an
+  elementwise update); its FLOPs come from the cost analysis of that pass alone (lowered, not compiled:
+  cheap), and (K - 1) of them are added back.
+  """
+  from advprop_jax import objectives
+  extra = 0.0
+  passes = objectives.Passes(model)
+  train = config.attack.bn_mode == 'train'
+  size = config.data.image_size
+  spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+  x = jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32)
+  labels = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
+  for distribution, k in _attacks(config):
+    if k <= 1:
+      continue
+    def input_grad(params, model_state, z, y, distribution=distribution):
+      def loss(z):
+        logits, _ = passes(params, model_state, z, distribution=distribution, train=train,
+                           rng=jax.random.PRNGKey(0), update_stats=False)
+        return jnp.sum(objectives.cross_entropy(logits, y, config.num_classes))
+      return jax.grad(loss)(z)
+    lowered = jax.jit(input_grad).lower(spec(state.params), spec(state.model_state), x, labels)
+    extra += (k - 1) * _flops(lowered)
+  return extra
+
+
+def make_config(args, method: str, attack_steps: int):
+  from advprop_jax import config as config_lib
+  config = config_lib.base_config()
+  config.model = args.model
+  config.method = method
+  config.dtype = args.dtype
+  config.num_classes = args.num_classes
+  config.global_batch_size = args.batch
+  config.data.image_size = args.image_size
+  config.bn_group_size = args.bn_group_size
+  config.attack.num_steps = attack_steps
+  overrides = json.loads(args.model_overrides) if args.model_overrides else {}
+  if args.remat:
+    overrides['remat'] = True
+  config.model_overrides.update(overrides)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  return config
+
+
+def run_one(args, method: str, attack_steps: int, log=print) -> dict:
+  """Builds the training step for one (method, attack_steps) and measures it."""
+  from advprop_jax import parallel, train, trainer
+  config = make_config(args, method, attack_steps)
+  mesh = parallel.create_mesh(config.bn_group_size)
+  model = trainer.build_model(config)
+  tx, lr_fn = trainer.build_optimizer(config, 1000)
+  rng = jax.random.PRNGKey(0)
+  state = train.create_train_state(model, tx, rng, config.data.image_size, mesh)
+  step_fn = train.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
+
+  n = trainer.loader_batch_size(config)
+  data_rng = np.random.default_rng(0)
+  size = config.data.image_size
+  batch = jax.device_put(
+      {'image': data_rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32),
+       'label': data_rng.integers(0, config.num_classes, (n,)).astype(np.int32)},
+      parallel.batch_sharding(mesh))
+  step_rng = jax.random.PRNGKey(1)
+
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, batch, step_rng)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  xla_flops = _flops(compiled)  # per-device program
+  flops = xla_flops + attack_loop_flops(model, config, state, n // len(mesh.devices.flat))
+  temp_bytes = None
+  try:
+    temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+  times = []
+  for i in range(args.warmup + args.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch, step_rng)
+    jax.block_until_ready((state, metrics))
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t)
+  loss = float(metrics['loss'])
+  step_s = statistics.median(times)
+  device = jax.local_devices()[0]
+  num_dev = len(mesh.devices.flat)
+  peak, peak_src = (args.peak_flops, '--peak_flops') if args.peak_flops else \
+      device_peak_flops(device, args.dtype)
+  achieved = flops / step_s  # per device
+  mem, mem_src = peak_memory(device)
+  result = dict(
+      model=args.model, method=method, attack_steps=attack_steps if method != 'vanilla' else 0,
+      batch=n, image_size=size, dtype=args.dtype, remat=bool(config.model_overrides.get('remat', False)),
+      devices=num_dev, device_kind=device.device_kind,
+      images_per_sec=n / step_s, step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3,
+      step_ms_all=[round(t * 1e3, 1) for t in times],
+      trace_lower_s=t1 - t0, compile_s=t2 - t1,
+      peak_bytes=mem, peak_bytes_source=mem_src, compiled_temp_bytes=temp_bytes,
+      flops_per_step=flops * num_dev, xla_cost_analysis_flops=xla_flops * num_dev, achieved_flops_per_sec=achieved * num_dev,
+      peak_flops_per_device=peak, peak_flops_source=peak_src,
+      mfu=achieved / peak if peak else float('nan'), loss=loss,
+      load_average=os.getloadavg()[0], xla_flags=os.environ.get('XLA_FLAGS', ''))
+  log(f'[{method}{"" if method == "vanilla" else f" PGD-{attack_steps}"}] {n / step_s:.2f} img/s, '
+      f'step {step_s * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f}), '
+      f'trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, peak mem {mem / 2**20:.0f} MiB '
+      f'({mem_src}), XLA temp {0 if temp_bytes is None else temp_bytes / 2**20:.0f} MiB, '
+      f'{flops * num_dev / 1e9:.1f} GFLOP/step, {achieved * num_dev / 1e9:.1f} GFLOP/s, '
+      f'MFU {result["mfu"]:.3f} vs {peak_src}, loss {loss:.3f}, load avg {result["load_average"]:.2f}')
+  return result
+
+
+def cost_model(results) -> list:
+  """AdvProp PGD-K vs vanilla: measured step-time ratio over the predicted (K + 2)."""
+  vanilla = [r for r in results if r['method'] == 'vanilla']
+  if not vanilla:
+    return []
+  base = vanilla[0]
+  rows = []
+  for r in results:
+    if r['method'] != 'advprop':
+      continue
+    k = r['attack_steps']
+    measured = r['step_ms'] / base['step_ms']
+    rows.append(dict(attack_steps=k, predicted_ratio=k + 2, measured_ratio=measured,
+                     measured_over_predicted=measured / (k + 2),
+                     flops_ratio=r['flops_per_step'] / base['flops_per_step']))
+  return rows
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', default='efficientnet-b0')
+  p.add_argument('--method', default='advprop', help='one method (see --methods)')
+  p.add_argument('--methods', default=None, help='comma-separated methods, run in one process')
+  p.add_argument('--attack_steps', default='1',
+                 help='PGD steps (comma-separated list: one advprop run each); 0 = the paper rule')
+  p.add_argument('--batch', type=int, default=16, help='global batch (images from the loader)')
+  p.add_argument('--image_size', type=int, default=224)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--num_classes', type=int, default=1000)
+  p.add_argument('--steps', type=int, default=5, help='timed steps')
+  p.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
+  p.add_argument('--remat', action='store_true', help='model override remat=True')
+  p.add_argument('--bn_group_size', type=int, default=0)
+  p.add_argument('--model_overrides', default='', help='JSON dict of create_model overrides')
+  p.add_argument('--peak_flops', type=float, default=None, help='peak FLOP/s per device (MFU)')
+  p.add_argument('--measure_peak', action='store_true',
+                 help='measure this CPU\'s fp32 matmul peak and use it for MFU')
+  return p.parse_args(argv)
+
+
+def main(argv=None, log=print) -> list:
+  args = parse_args(argv)
+  if args.measure_peak:
+    args.peak_flops = measure_cpu_peak()
+    log(f'measured peak: {args.peak_flops / 1e9:.1f} GFLOP/s (fp32 2048^3 matmul, best of 5)')
+  methods = (args.methods or args.method).split(',')
+  ks = [int(k) for k in str(args.attack_steps).split(',')]
+  runs = []
+  for method in methods:
+    for k in (ks if method not in ('vanilla',) else [0]):
+      runs.append((method, k))
+  results = [run_one(args, m, k, log=log) for m, k in runs]
+  comparison = cost_model(results)
+  for row in comparison:
+    log(f'advprop PGD-{row["attack_steps"]}: {row["measured_ratio"]:.2f}x vanilla step time, cost model '
+        f'(K+2) = {row["predicted_ratio"]}x -> measured/predicted {row["measured_over_predicted"]:.2f}; '
+        f'XLA FLOPs ratio {row["flops_ratio"]:.2f}x')
+  out = results[0] if len(results) == 1 else dict(runs=results, cost_model=comparison)
+  if len(results) > 1:  # headline keys of the first run, so every output has them at the top level
+    out.update({k: results[0][k] for k in ('images_per_sec', 'step_ms', 'compile_s', 'peak_bytes',
+                                           'mfu')})
+  log(json.dumps(out))
+  return results
+
+
+if __name__ == '__main__':
+  main()
