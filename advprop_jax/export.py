@@ -25,29 +25,15 @@ from flax import traverse_util
 from advprop_jax import convert
 from advprop_jax.models import create_model
 
-# ---- training workdir layout (adapt here when the trainer's checkpoint format changes) ----
-CONFIG_FILE = 'config.json'            # in the workdir; keys: CONFIG_KEYS (+ optional 'input_range')
+# Keys of an exported directory's config.json (written by export_flax, read by predict).
+CONFIG_FILE = 'config.json'
 CONFIG_KEYS = ('model', 'model_overrides', 'num_classes', 'image_size', 'crop_fraction')
-CHECKPOINT_SUBDIR = 'checkpoints'      # CheckpointManager directory under workdir (else the workdir itself)
-CHECKPOINT_ITEM = 'default'            # CheckpointManager item name inside a step directory, if any
-EMA_PARAMS_KEY = 'ema_params'          # the params tree (all distributions)
-EMA_STATS_KEY = 'ema_batch_stats'      # {collection name: tree}, e.g. {'batch_stats': .., 'batch_stats_adv': ..}
 DEFAULT_INPUT_RANGE = (-1.0, 1.0)
 FORMATS = ('flax', 'timm', 'savedmodel')
 
 
-def _latest_checkpoint_dir(workdir: str) -> str:
-  for directory in (os.path.join(workdir, CHECKPOINT_SUBDIR), workdir):
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-    if steps:
-      step_dir = os.path.join(directory, str(max(steps)))
-      item = os.path.join(step_dir, CHECKPOINT_ITEM)
-      return item if os.path.isdir(item) else step_dir
-  raise FileNotFoundError(f'No Orbax checkpoint (numbered step directory) in {workdir} or '
-                          f'{os.path.join(workdir, CHECKPOINT_SUBDIR)}')
-
-
 def read_config(directory: str) -> Dict[str, Any]:
+  """The flat config.json of an exported directory."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     config = json.load(f)
   missing = [k for k in CONFIG_KEYS if k not in config]
@@ -57,23 +43,32 @@ def read_config(directory: str) -> Dict[str, Any]:
   return config
 
 
-def load_inference_variables(workdir: str) -> Tuple[Dict[str, Any], dict]:
-  """(config, variables) of the newest checkpoint in a training workdir: the EMA weights, all distributions.
+def run_config(workdir: str) -> Dict[str, Any]:
+  """The export view (CONFIG_KEYS + input_range) of a training workdir's full config.json."""
+  from advprop_jax import attacks  # pylint: disable=g-import-not-at-top
+  from advprop_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir} a training --workdir?')
+  with open(path) as f:
+    full = json.load(f)
+  data = full['data']
+  low, high = attacks.input_range(data['normalization'])
+  if np.ndim(low):
+    raise ValueError('export supports scalar input ranges only (data.normalization=minus_one_one)')
+  return dict(model=full['model'], model_overrides=dict(full.get('model_overrides') or {}),
+              num_classes=full['num_classes'], image_size=data['image_size'],
+              crop_fraction=float(preprocessing.eval_crop_fraction(data['image_size'],
+                                                                  data.get('crop_fraction'))),
+              input_range=[float(low), float(high)])
 
-  FOR NOW expects: `workdir/config.json` with CONFIG_KEYS; an Orbax checkpoint written with StandardCheckpointer
-  (directly, or through a CheckpointManager: `workdir/checkpoints/<step>/[default/]`, or `workdir/<step>/`)
-  holding a dict with EMA_PARAMS_KEY and EMA_STATS_KEY (other keys, e.g. optimizer state, are ignored).
-  variables = {'params': ema_params, **ema_batch_stats}.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  config = read_config(workdir)
-  path = os.path.abspath(_latest_checkpoint_dir(workdir))
-  state = ocp.StandardCheckpointer().restore(path)
-  missing = [k for k in (EMA_PARAMS_KEY, EMA_STATS_KEY) if k not in state]
-  if missing:
-    raise KeyError(f'Checkpoint {path} lacks {missing}; it has {sorted(state)}')
-  variables = {'params': state[EMA_PARAMS_KEY], **dict(state[EMA_STATS_KEY])}
-  return config, jax.tree.map(np.asarray, variables)
+
+def load_inference_variables(workdir: str) -> Tuple[Dict[str, Any], dict]:
+  """(config, variables) of a training workdir: the newest checkpoint's EMA weights, all distributions."""
+  from advprop_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  config = run_config(workdir)
+  variables, _ = checkpoints.load_inference_variables(workdir, ema=True)
+  return config, variables
 
 
 def inference_model(config: Dict[str, Any]):

@@ -244,8 +244,10 @@ def test_tf_checkpoint_import_prefers_ema_shadows(tmp_path, timm_state, tiny):
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, tiny_variables):
-  """A training workdir as load_inference_variables expects it (CheckpointManager + config.json)."""
-  import orbax.checkpoint as ocp
+  """A training workdir as the trainer writes it (Checkpointer + full config.json)."""
+  from advprop_jax import checkpoints
+  from advprop_jax import config as config_lib
+  from advprop_jax import train
   directory = tmp_path_factory.mktemp('workdir')
   rng = np.random.RandomState(5)
   # The auxiliary BN differs from the main one: exporting the wrong distribution must show.
@@ -259,14 +261,18 @@ def workdir(tmp_path_factory, tiny_variables):
       node[leaf] = node[leaf] + rng.normal(size=node[leaf].shape).astype(np.float32)
   stats = {'batch_stats': tiny_variables['batch_stats'],
            'batch_stats_adv': jax.tree.map(lambda a: a * 3.0, tiny_variables['batch_stats_adv'])}
-  manager = ocp.CheckpointManager(str(directory / 'checkpoints'))
-  for step in (5, 10):
-    manager.save(step, args=ocp.args.StandardSave(
-        {'ema_params': ema_params, 'ema_batch_stats': stats, 'step': step, 'params': ema_params}))
-  manager.wait_until_finished()
-  with open(directory / 'config.json', 'w') as f:
-    json.dump(dict(model='efficientnet-b0', model_overrides=OVERRIDES, num_classes=10, image_size=35,
-                   crop_fraction=0.875), f)
+  state = train.TrainState(step=np.int32(10), params=ema_params, model_state=stats, opt_state=(),
+                           ema_params=ema_params, ema_model_state=stats)
+  checkpointer = checkpoints.Checkpointer(str(directory), every_steps=1, keep=2,
+                                          config_fingerprint={}, async_save=False)
+  checkpointer.save(10, state, {})
+  checkpointer.close()
+  config = config_lib.base_config()
+  config.model_overrides = OVERRIDES
+  config.num_classes = 10
+  config.data.image_size = 35
+  config.data.crop_fraction = 0.875
+  (directory / 'config.json').write_text(config.to_json_best_effort())
   return str(directory)
 
 
