@@ -23,6 +23,14 @@ flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax / tfds (every save is logged ~20 times); warnings still pass."""
+
+  def filter(self, record):
+    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
+    return record.levelno >= logging.WARNING or not noisy
+
+
 def _multihost_tpu() -> bool:
   return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
 
@@ -30,11 +38,14 @@ def _multihost_tpu() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+    handler.addFilter(_QuietLibraries())
   import jax
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep TF off the accelerators
   if FLAGS.distributed == 'yes' or (FLAGS.distributed == 'auto' and _multihost_tpu()):
     jax.distributed.initialize()
+  from advprop_jax import checkpoints
   from advprop_jax import config as config_lib
   from advprop_jax import trainer
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
@@ -45,6 +56,12 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f'Config error: {e}', file=sys.stderr)
     sys.exit(2)
+  except checkpoints.CheckpointMismatchError as e:
+    print(f'Checkpoint error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except trainer.NonFiniteLossError as e:
+    print(f'Training stopped: {e}', file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0 and 'preempted_at_step' not in final:
     print(trainer.format_final_table(FLAGS.config, final))
 

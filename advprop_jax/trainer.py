@@ -42,7 +42,9 @@ def fingerprint(config) -> dict:
 
 def build_model(config, **extra):
   dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
-  overrides = dict(config.model_overrides.to_dict(), **extra)
+  # None-valued overrides are unset placeholders (declared so the command line may set them).
+  overrides = {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
+  overrides.update(extra)
   overrides.setdefault('distributions', objectives.method_distributions(config))
   return create_model(config.model, num_classes=config.num_classes, dtype=dtype, **overrides)
 
@@ -236,7 +238,7 @@ def _write_run_config(config, workdir):
   path.mkdir(parents=True, exist_ok=True)
   tmp = path / 'config.json.tmp'
   tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  tmp.rename(path / 'config.json')
+  tmp.replace(path / 'config.json')  # atomic overwrite
 
 
 def format_final_table(config, final: dict) -> str:

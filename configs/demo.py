@@ -3,6 +3,8 @@
 Runs through the same pipeline, step and checkpointing code as the ImageNet recipes, on CPU in a few
 minutes: python -m advprop_jax.main --config=configs/demo.py --workdir=workdirs/demo
 """
+import ml_collections
+
 from advprop_jax import config as config_lib
 
 
@@ -14,6 +16,11 @@ def get_config(method: str = 'advprop'):
   c.model_overrides.depth = 0.25
   c.model_overrides.dropout_rate = 0.1
   c.model_overrides.drop_connect_rate = 0.1
+  # Unset here; declared so tests and users can shrink the model from the command line, e.g.
+  # --config.model_overrides.stages='((1,3,1,1,16),(1,3,2,6,24))' --config.model_overrides.head_features=64
+  c.model_overrides.stages = ml_collections.config_dict.placeholder(tuple)
+  c.model_overrides.head_features = ml_collections.config_dict.placeholder(int)
+  c.model_overrides.depthwise_impl = 'auto'
   c.num_classes = 10
   c.dtype = 'float32'
   c.data.dataset = 'sklearn_digits'

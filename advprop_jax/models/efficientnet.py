@@ -182,10 +182,10 @@ class EfficientNet(nn.Module):
       x = nn.swish(norm(name='stem_bn')(x, train=train, distribution=distribution))
 
     block = nn.remat(MBConv, static_argnums=(2, 3)) if self.remat else MBConv
-    num_blocks = sum(round_repeats(s.repeats, self.depth) for s in self.stages)
+    num_blocks = sum(round_repeats(StageSpec(*s).repeats, self.depth) for s in self.stages)
     in_features = round_filters(self.stem_features, self.width)
     index = 0
-    for stage_index, stage in enumerate(self.stages):
+    for stage_index, stage in enumerate(StageSpec(*s) for s in self.stages):
       out_features = round_filters(stage.out, self.width)
       for i in range(round_repeats(stage.repeats, self.depth)):
         if from_stage <= stage_index:
