@@ -1,0 +1,164 @@
+"""advprop_jax.evaluate / robustness / data.corruptions / data.imagenet_subsets (issue #8)."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from advprop_jax import evaluate
+from advprop_jax import parallel
+from advprop_jax import robustness
+from advprop_jax import train
+from advprop_jax.data import corruptions
+from advprop_jax.data import imagenet_subsets
+from conftest import tiny_efficientnet
+
+
+def test_mce_matches_hand_computation():
+  errors = {'gaussian_noise': {1: .5, 2: .6, 3: .7, 4: .8, 5: .9},   # mean .7
+            'brightness': {1: .3, 2: .3, 3: .4, 4: .4, 5: .6}}        # mean .4
+  out = robustness.mce(errors, clean_err=.25, reference=robustness.ALEXNET_ERR)
+  ce_g, ce_b = .7 / .886, .4 / .565
+  rel_g, rel_b = (.7 - .25) / (.886 - .4348), (.4 - .25) / (.565 - .4348)
+  assert out['per_corruption']['gaussian_noise']['ce'] == pytest.approx(ce_g)
+  assert out['mce'] == pytest.approx((ce_g + ce_b) / 2)
+  assert out['relative_mce'] == pytest.approx((rel_g + rel_b) / 2)
+  assert out['mean_corruption_error'] == pytest.approx(.55)
+  # Equals the paper's sum-over-severities form when all 5 severities are present.
+  assert out['mce'] == pytest.approx(np.mean([sum(errors[c].values()) / (5 * robustness.ALEXNET_ERR[c])
+                                              for c in errors]))
+  plain = robustness.mce(errors, clean_err=.25)
+  assert 'mce' not in plain and plain['mean_corruption_error_minus_clean'] == pytest.approx(.3)
+  assert len(robustness.ALEXNET_ERR) == 15
+
+
+def test_imagenet_class_lists():
+  wnids = imagenet_subsets.imagenet_wnids()
+  assert len(wnids) == 1000 == len(set(wnids)) and wnids[0] == 'n01440764'
+  labels = np.repeat(np.arange(0, 1000, 5), 3)  # 200 classes, each seen 3 times
+  subset = imagenet_subsets.class_subset_from_labels(labels)
+  assert len(subset) == 200 == len(set(subset.tolist())) and list(subset[:2]) == [0, 5]
+  with pytest.raises(ValueError, match='199 distinct'):
+    imagenet_subsets.class_subset_from_labels(labels[3:])
+
+
+@pytest.mark.parametrize('name', corruptions.CORRUPTIONS)
+def test_corruptions_deterministic_uint8(name):
+  rng = np.random.default_rng(0)
+  image = tf.constant(rng.integers(0, 256, [32, 32, 3]), tf.uint8)
+  previous = None
+  for severity in corruptions.SEVERITIES:
+    seed = corruptions.corruption_seed(0, name, severity, 7)
+    a = corruptions.corrupt(image, name, severity, seed).numpy()
+    b = corruptions.corrupt(image, name, severity, seed).numpy()
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, image.numpy()), (name, severity)
+    if previous is not None:
+      assert not np.array_equal(a, previous), (name, severity)
+    previous = a
+  with pytest.raises(ValueError):
+    corruptions.corrupt(image, name, 6, seed)
+
+
+@pytest.fixture(scope='module')
+def digits_ctx(tmp_path_factory):
+  from configs import demo
+  config = demo.get_config()
+  config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config.eval_batch_size = 40
+  model = tiny_efficientnet()
+  variables = train.init_variables(model, jax.random.PRNGKey(0), 32)
+  mesh = parallel.create_mesh(-1)
+  return evaluate.Context(config, model, variables, mesh)
+
+
+def _write_png_folder(root, classes):
+  for c in classes:
+    os.makedirs(os.path.join(root, c))
+    for i in range(3):
+      png = tf.io.encode_png(tf.constant(np.full([40, 48, 3], 30 * i, np.uint8)))
+      tf.io.write_file(os.path.join(root, c, f'{i}.png'), png)
+
+
+def test_evaluators_end_to_end_on_digits(digits_ctx, tmp_path):
+  _write_png_folder(str(tmp_path / 'stylized'), ['0', '3'])
+  digits_ctx.stylized_dir = str(tmp_path / 'stylized')
+  with digits_ctx.config.unlocked():
+    digits_ctx.config.evaluate = dict(
+        pgd=dict(epsilons_pixels=(0.0, 2.0), num_steps=1),
+        corruptions=dict(types=('gaussian_noise', 'contrast', 'jpeg_compression'),
+                         severities=(1, 5), max_examples=80))
+  plan = evaluate.evaluator_plan(digits_ctx.config, ['clean', 'pgd', 'corruptions', 'stylized',
+                                                     'imagenet_a'])
+  results = evaluate.run_evaluators(digits_ctx, plan)
+  clean = results['clean']
+  assert clean['status'] == 'ok' and clean['count'] == 360
+  pgd = results['pgd']['by_epsilon_pixels']
+  assert pgd['0']['top1'] == clean['top1'] and pgd['0']['loss'] == pytest.approx(clean['loss'])
+  assert pgd['2']['top1'] <= clean['top1'] and pgd['2']['num_steps'] == 1
+  cor = results['corruptions']
+  assert cor['status'] == 'ok' and set(cor['by_type_and_severity']) == {
+      'gaussian_noise', 'contrast', 'jpeg_compression'}
+  assert cor['by_type_and_severity']['contrast']['5']['count'] == 80
+  assert cor['clean_error'] == pytest.approx(1 - clean['top1']) and 'mce' not in cor
+  assert results['stylized']['status'] == 'ok' and results['stylized']['count'] == 6
+  assert results['imagenet_a']['status'] == 'skipped'
+  assert '1000-class' in results['imagenet_a']['reason']
+  # Corrupted inputs are deterministic across runs.
+  again = evaluate.run_evaluators(digits_ctx, [p for p in plan if p[0] == 'corruptions'])
+  assert again['corruptions']['by_type_and_severity'] == cor['by_type_and_severity']
+
+  out = tmp_path / 'eval'
+  evaluate.write_outputs(str(out), dict(workdir='w', model='efficientnet-b7', method='advprop',
+                                        dataset='sklearn_digits', ema=True), results)
+  saved = json.loads((out / 'eval_metrics.json').read_text())
+  assert saved['results']['clean']['top1'] == clean['top1']
+  assert set(saved['plots']) == {'pgd_accuracy.png', 'corruption_error.png'}
+  report = (out / 'report.md').read_text()
+  assert 'skipped' in report and '59.4' in report and 'White-box PGD' in report
+
+
+def test_missing_dataset_is_skipped_with_its_name(digits_ctx, tmp_path):
+  import copy
+  config = copy.deepcopy(digits_ctx.config)
+  with config.unlocked():
+    config.num_classes = 1000
+    config.data.data_dir = str(tmp_path)  # nothing prepared here
+  ctx = evaluate.Context(config, None, {'params': {}}, digits_ctx.mesh)
+  config.data.dataset = 'imagenet2012'
+  results = evaluate.run_evaluators(ctx, evaluate.evaluator_plan(
+      config, ['imagenet_a', 'imagenet_r', 'imagenet_v2', 'imagenet_sketch', 'stylized']))
+  for name, dataset in (('imagenet_a', 'imagenet_a'), ('imagenet_r', 'imagenet_r'),
+                        ('imagenet_v2', 'imagenet_v2/matched-frequency'),
+                        ('imagenet_sketch', 'imagenet_sketch')):
+    assert results[name]['status'] == 'skipped'
+    assert f"TFDS dataset '{dataset}'" in results[name]['reason'] and 'tfds build' in results[name]['reason']
+  assert results['stylized']['status'] == 'skipped' and '--stylized_dir' in results['stylized']['reason']
+  cor = evaluate.run_evaluators(ctx, evaluate.evaluator_plan(config, ['corruptions']))['corruptions']
+  assert cor['status'] == 'skipped' and 'imagenet2012_corrupted/gaussian_noise_1' in cor['reason']
+  assert 'downloads/manual' in cor['reason']
+
+
+def test_plan_and_config_json(tmp_path):
+  from configs import demo
+  config = demo.get_config()
+  names = [n for n, _ in evaluate.evaluator_plan(config)]
+  assert names == ['clean', 'pgd', 'corruptions']
+  assert dict(evaluate.evaluator_plan(config))['pgd']['epsilons_pixels'] == (0.0, 4.0)
+  with config.unlocked():
+    config.evaluate = dict(evaluators=['clean'], bogus=dict(x=1))
+  assert [n for n, _ in evaluate.evaluator_plan(config)] == ['clean']
+  with pytest.raises(ValueError, match='Unknown evaluator'):
+    evaluate.evaluator_plan(config, ['nope'])
+  with config.unlocked():
+    config.evaluate = dict(pgd=dict(eps=1))
+  with pytest.raises(ValueError, match='unknown settings'):
+    evaluate.evaluator_plan(config, ['pgd'])
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  loaded = evaluate.load_config(str(tmp_path))
+  assert loaded.model == config.model and loaded.data.image_size == 32
+  with pytest.raises(FileNotFoundError, match='--config'):
+    evaluate.load_config(str(tmp_path / 'none'))
