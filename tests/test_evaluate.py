@@ -162,3 +162,19 @@ def test_plan_and_config_json(tmp_path):
   assert loaded.model == config.model and loaded.data.image_size == 32
   with pytest.raises(FileNotFoundError, match='--config'):
     evaluate.load_config(str(tmp_path / 'none'))
+
+
+def test_subset_eval_step_restricts_logits(digits_ctx):
+  ctx, subset = digits_ctx, np.array([1, 3, 5, 7, 8, 9])
+  step = robustness.make_subset_eval_step(ctx.model, ctx.mesh, num_classes=10, class_indices=subset)
+  rng = np.random.default_rng(1)
+  batch = dict(image=rng.uniform(-1, 1, [16, 32, 32, 3]).astype(np.float32),
+               label=rng.choice(subset, 16).astype(np.int32), mask=np.ones([16], np.float32))
+  batch['mask'][-2:] = 0
+  sharding = parallel.batch_sharding(ctx.mesh)
+  sums = step(ctx.params, ctx.model_state, jax.device_put(batch, sharding))
+  logits = np.asarray(ctx.model.apply({'params': ctx.params, **ctx.model_state}, batch['image'],
+                                      train=False))[:, subset]
+  pred = subset[np.argmax(logits, -1)]
+  assert float(sums['count']) == 14
+  assert float(sums['top1']) == np.sum((pred == batch['label'])[:14])
