@@ -162,3 +162,14 @@ def test_nan_loss_stops_naming_the_step(tmp_path, data_dir):
   with pytest.raises(trainer.NonFiniteLossError, match='step 1;'):
     trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / '2')  # no bad state saved
+
+
+@pytest.mark.parametrize('arg', ['50', '101,advprop', '50,fast_advprop', '200,vanilla'])
+def test_resnet_configs(arg):
+  c = load_config('configs/resnet.py', arg)
+  assert c.model == f'resnet{arg.split(",")[0]}'
+  assert (c.optimizer, c.momentum, c.weight_decay, c.lr_schedule) == ('sgd', 0.9, 1e-4, 'piecewise')
+  assert c.base_learning_rate == 0.1
+  # Fast AdvProp is budget-matched to vanilla: fewer epochs.
+  assert c.num_epochs == (87 if c.method == 'fast_advprop' else 105)
+  config_lib.validate(c, num_devices=32)
