@@ -137,6 +137,12 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if batch % process_count:
       raise ConfigError(f'config.{field}={batch} is not divisible by the process count '
                         f'{process_count}')
+  if config.method == 'fast_advprop':  # the loader draws 1/(1 - adv_fraction) x the batch
+    loader = int(round(config.global_batch_size / (1.0 - config.fast_advprop.adv_fraction)))
+    if loader % num_devices:
+      raise ConfigError(f'config.global_batch_size={config.global_batch_size} with '
+                        f'config.fast_advprop.adv_fraction={config.fast_advprop.adv_fraction} gives a '
+                        f'loader batch of {loader}, not divisible by the device count {num_devices}')
   k = config.bn_group_size
   if not (k in (0, -1) or (k > 0 and num_devices % k == 0)):
     raise ConfigError(f'config.bn_group_size={k} must divide the device count {num_devices} '

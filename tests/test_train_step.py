@@ -156,6 +156,10 @@ def test_bad_step_inputs_raise_before_compilation():
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.validate(bad, num_devices=8)
   config_lib.validate(config, num_devices=8)
+  fast = make_config(method='fast_advprop', global_batch_size=24)  # loader batch 30
+  with pytest.raises(config_lib.ConfigError, match='loader batch of 30'):
+    config_lib.validate(fast, num_devices=8)
+  config_lib.validate(make_config(method='fast_advprop', global_batch_size=32), num_devices=8)
   with pytest.raises(ValueError, match='bn_group_size'):
     parallel.create_mesh(3)
   assert parallel.default_bn_group_size(8) == 1 and parallel.default_bn_group_size(256) == 32
