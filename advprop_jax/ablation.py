@@ -1,0 +1,282 @@
+"""Equal-budget ablation of the training methods on the offline digits demo (issue #7 item 4).
+
+  python -m advprop_jax.ablation --workdir=DIR [--methods=vanilla,adv_train,advprop,
+      fine_grained_advprop,fast_advprop,afan] [--seeds=0,1,2] [--epochs=E | --steps=N]
+      [--config=configs/demo.py] [--quick]
+
+Each (method, seed) trains with trainer.train_and_evaluate in DIR/<method>/seed<k> (so an interrupted
+ablation resumes from the runs' checkpoints; finished runs are read back, not retrained), then the EMA
+weights are evaluated on the digits corruptions (evaluate.py / robustness.py, written to
+DIR/<method>/seed<k>/eval). Writes DIR/ablation.md (mean ± std over seeds), DIR/ablation.json and
+DIR/ablation.png.
+
+Budget matching: every method runs the SAME NUMBER OF OPTIMIZER STEPS, N = epochs x (train examples //
+global_batch_size), with the same step-indexed learning-rate schedule (warm-up and cosine decay over N
+steps) and the same clean batch per step. Fast AdvProp's loader draws 1/(1 - adv_fraction) = 1.25x the
+batch per step (64 clean + 16 attacked images), so it sees 1.25x the images of the others; its
+num_epochs / warmup_epochs are rescaled so that its schedule covers the same N steps.
+
+Step time: each train step is timed to completion (block_until_ready); the reported time per step is
+(end of the last step - end of the first step) / (steps - 1), i.e. the training loop's wall time without
+the first (compiling) step; periodic evaluation is switched off so only training is timed. A run resumed
+from a checkpoint is timed over the steps of its last session only.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+ALL_METHODS = ('vanilla', 'adv_train', 'advprop', 'fine_grained_advprop', 'fast_advprop', 'afan')
+EVAL_PGD_EPS = 4.0
+QUICK_STAGES = ((1, 3, 1, 1, 16), (1, 3, 2, 6, 24))
+COLUMNS = ('clean top-1 (%)', f'PGD-{EVAL_PGD_EPS:g}px top-1 (%)', 'corruptions mean top-1 (%)',
+           'step time (ms)', 'step time / vanilla')
+KEYS = ('clean', 'pgd', 'corruptions', 'step_ms', 'rel_step')
+
+
+def load_config(path: str, method: str):
+  """configs/x.py -> get_config(method)."""
+  spec = importlib.util.spec_from_file_location('ablation_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(method)
+
+
+def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=False):
+  """The config of one run, budget-matched to `steps` optimizer steps (default: epochs of vanilla)."""
+  import ml_collections
+  from advprop_jax import trainer
+  c = load_config(config_path, method)
+  c.seed = int(seed)
+  c.fine_grained_epsilons_pixels = (2.0, 4.0)
+  c.afan.stage = 1
+  c.eval_pgd_epsilons_pixels = (EVAL_PGD_EPS,)
+  corruptions = dict(severities=(1, 2, 3, 4, 5), seed=0, max_examples=None)
+  if quick:
+    c.model_overrides.stages = QUICK_STAGES
+    c.model_overrides.head_features = 64
+    c.model_overrides.depthwise_impl = 'grouped'
+    c.data.image_size = 16
+    c.global_batch_size = 32
+    c.log_every_steps = 2
+    corruptions.update(severities=(3,), max_examples=120)
+  c.evaluate = ml_collections.ConfigDict(dict(corruptions=corruptions))
+  # Budget: N optimizer steps for every method, N from the vanilla loader (global_batch_size images).
+  clean_spe = max(1, trainer.steps_per_epoch(_with(c, method='vanilla')))
+  if steps is None:
+    steps = int(round((c.num_epochs if epochs is None else epochs) * clean_spe))
+  spe = trainer.steps_per_epoch(c)
+  c.warmup_epochs = c.warmup_epochs * clean_spe / spe
+  c.num_epochs = (steps + 0.5) / spe  # int(num_epochs * spe) == steps for every method
+  c.max_steps = int(steps)
+  c.eval_every_epochs = 1e6  # no periodic evaluation inside the timed loop
+  return c
+
+
+def _with(config, **fields):
+  c = config.copy_and_resolve_references()
+  c.update(fields)
+  return c
+
+
+@contextlib.contextmanager
+def _timed_train_steps(record):
+  """Wraps train.make_train_step so each step is timed to completion."""
+  import jax
+  from advprop_jax import train
+  original = train.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn = original(*args, **kwargs)
+
+    def timed(state, batch, rng):
+      out = jax.block_until_ready(step_fn(state, batch, rng))
+      now = time.perf_counter()
+      record['calls'] += 1
+      if record['calls'] == 1:
+        record['first_end'] = now
+      record['last_end'] = now
+      return out
+    return timed
+
+  train.make_train_step = make
+  try:
+    yield record
+  finally:
+    train.make_train_step = original
+
+
+def run_one(config, run_dir) -> dict:
+  """Trains (or resumes / reads back) one run; returns its metrics."""
+  from advprop_jax import evaluate
+  from advprop_jax import trainer
+  summary_path = os.path.join(run_dir, 'ablation_run.json')
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      return json.load(f)
+  final_path = os.path.join(run_dir, 'final_metrics.json')
+  timing_path = os.path.join(run_dir, 'timing.json')
+  if os.path.exists(final_path):
+    with open(final_path) as f:
+      final = json.load(f)
+  else:
+    record = dict(calls=0, first_end=None, last_end=None)
+    start = time.perf_counter()
+    with _timed_train_steps(record):
+      final = trainer.train_and_evaluate(config, run_dir)
+    if 'preempted_at_step' in final:
+      raise SystemExit(f'{run_dir}: preempted at step {final["preempted_at_step"]}; rerun to resume')
+    timed = record['calls'] - 1
+    timing = dict(timed_steps=max(timed, 0), total_seconds=time.perf_counter() - start,
+                  step_seconds=(record['last_end'] - record['first_end']) / timed
+                  if timed > 0 else float('nan'))
+    with open(timing_path, 'w') as f:
+      json.dump(timing, f, indent=2)
+  timing = {'step_seconds': float('nan')}
+  if os.path.exists(timing_path):
+    with open(timing_path) as f:
+      timing = json.load(f)
+  _, results = evaluate.evaluate_workdir(run_dir, config, names=['clean', 'corruptions'],
+                                         output=os.path.join(run_dir, 'eval'), ema=True)
+  out = dict(clean=100 * final['ema_clean_top1'], pgd=100 * final[f'ema_pgd{EVAL_PGD_EPS:g}_top1'],
+             corruptions=100 * (1.0 - results['corruptions']['mean_corruption_error']),
+             step_ms=1000 * timing['step_seconds'], steps=final['step'],
+             timed_steps=timing.get('timed_steps'))
+  with open(summary_path, 'w') as f:
+    json.dump(out, f, indent=2)
+  return out
+
+
+def _mean_std(values):
+  v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+  if not len(v):
+    return float('nan'), float('nan')
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(runs: dict) -> dict:
+  """runs[method][seed] -> {method: {key: (mean, std)}}; step time relative to vanilla's mean."""
+  vanilla = _mean_std([r['step_ms'] for r in runs.get('vanilla', {}).values()])[0]
+  table = {}
+  for method, by_seed in runs.items():
+    rows = list(by_seed.values())
+    for r in rows:
+      r['rel_step'] = r['step_ms'] / vanilla if np.isfinite(vanilla) else float('nan')
+    table[method] = {k: _mean_std([r[k] for r in rows]) for k in KEYS}
+    table[method]['seeds'] = len(rows)
+  return table
+
+
+def _fmt(mean, std, digits):
+  return 'n/a' if not np.isfinite(mean) else f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
+def markdown_table(table) -> str:
+  lines = ['| method | seeds | ' + ' | '.join(COLUMNS) + ' |', '|---|---|' + '---|' * len(COLUMNS)]
+  for method, row in table.items():
+    cells = [_fmt(*row[k], 2 if k == 'rel_step' else 1) for k in KEYS]
+    lines.append(f'| {method} | {row["seeds"]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def write_plot(table, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  methods = list(table)
+  fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+  for ax, key, title in zip(axes, ('clean', 'pgd', 'corruptions', 'rel_step'), COLUMNS[:3] +
+                            COLUMNS[4:]):
+    means = [table[m][key][0] for m in methods]
+    stds = [table[m][key][1] for m in methods]
+    ax.bar(range(len(methods)), means, yerr=stds, capsize=3, color='C0')
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=45, ha='right', fontsize=8)
+    ax.set_title(title, fontsize=9)
+    finite = [m for m in means if np.isfinite(m)]
+    if key != 'rel_step' and finite:
+      ax.set_ylim(max(0.0, min(finite) - 10), 100)
+    ax.grid(axis='y', alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run_ablation(workdir, methods=ALL_METHODS, seeds=(0,), *, epochs=None, steps=None,
+                 config_path='configs/demo.py', quick=False, command=None) -> dict:
+  start = time.time()
+  runs, settings = {}, {}
+  for method in methods:
+    for seed in seeds:
+      config = method_config(config_path, method, seed, epochs=epochs, steps=steps, quick=quick)
+      settings[method] = dict(steps=config.max_steps, loader_batch=_loader_batch(config))
+      run_dir = os.path.join(workdir, method, f'seed{seed}')
+      logging.info('ablation: %s seed %d (%d steps) in %s', method, seed, config.max_steps, run_dir)
+      runs.setdefault(method, {})[seed] = run_one(config, run_dir)
+  table = aggregate(runs)
+  first = next(iter(settings.values()))
+  md = [f'# Equal-budget ablation ({"quick, " if quick else ""}{config_path})', '',
+        f'Command: `{command or "run_ablation(...)"}`', '',
+        f'Budget: {first["steps"]} optimizer steps per run for every method (same step-indexed LR '
+        'schedule, same clean batch per step); loader images per step: ' +
+        ', '.join(f'{m} {s["loader_batch"]}' for m, s in settings.items()) + '. Seeds: ' +
+        ','.join(map(str, seeds)) + '. Mean ± sample std over seeds.', '',
+        f'EMA weights, main BN. PGD: white-box untargeted L-inf, eps {EVAL_PGD_EPS:g} px, '
+        f'eps+1 steps of 1 px (same for all). Corruptions: mean top-1 over the digits corruption '
+        'suite (advprop_jax.data.corruptions, severities ' +
+        ','.join(map(str, config.evaluate.corruptions.severities)) + '). Step time: training-loop '
+        'wall time per step excluding the first (compiling) step; relative to vanilla\'s mean.', '',
+        markdown_table(table), '', f'Wall time of this invocation: {time.time() - start:.0f} s.', '']
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
+    f.write('\n'.join(md))
+  with open(os.path.join(workdir, 'ablation.json'), 'w') as f:
+    json.dump(dict(runs={m: {str(s): r for s, r in by.items()} for m, by in runs.items()},
+                   table=table, settings=settings), f, indent=2)
+  write_plot(table, os.path.join(workdir, 'ablation.png'))
+  return table
+
+
+def _loader_batch(config):
+  from advprop_jax import trainer
+  return trainer.loader_batch_size(config)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--methods', default=','.join(ALL_METHODS))
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--epochs', type=float, default=None,
+                      help='epochs of the vanilla loader (default: the config\'s num_epochs)')
+  parser.add_argument('--steps', type=int, default=None, help='optimizer steps (overrides --epochs)')
+  parser.add_argument('--config', default='configs/demo.py')
+  parser.add_argument('--quick', action='store_true', help='tiny model, 16 px, few steps (tests)')
+  args = parser.parse_args(argv)
+  methods = [m for m in args.methods.split(',') if m]
+  unknown = set(methods) - set(ALL_METHODS)
+  if unknown:
+    parser.error(f'unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}')
+  steps = args.steps if args.steps is not None else (4 if args.quick and args.epochs is None
+                                                     else None)
+  logging.basicConfig(level=logging.INFO)
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')
+  command = 'python -m advprop_jax.ablation ' + ' '.join(sys.argv[1:] if argv is None else argv)
+  table = run_ablation(args.workdir, methods, [int(s) for s in args.seeds.split(',') if s],
+                       epochs=args.epochs, steps=steps, config_path=args.config, quick=args.quick,
+                       command=command)
+  print(markdown_table(table))
+  return table
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,80 @@
+"""advprop_jax.ablation: budget matching, table formatting, and a quick end-to-end run."""
+import os
+import re
+
+import numpy as np
+import pytest
+
+from advprop_jax import ablation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'demo.py')
+
+
+def _parse(cell):
+  m = re.fullmatch(r'(-?\d+\.\d+) ± (\d+\.\d+)', cell)
+  assert m, f'cell {cell!r} is not "mean ± std"'
+  return float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.parametrize('epochs', [1.0, 3.0, 30.0])
+def test_every_method_gets_the_same_number_of_optimizer_steps(epochs):
+  from advprop_jax import trainer
+  configs = {m: ablation.method_config(CONFIG, m, 0, epochs=epochs) for m in ablation.ALL_METHODS}
+  vanilla_spe = trainer.steps_per_epoch(configs['vanilla'])
+  expected = int(round(epochs * vanilla_spe))
+  for method, c in configs.items():
+    spe = trainer.steps_per_epoch(c)
+    assert c.max_steps == expected, method
+    assert int(c.num_epochs * spe) == expected, method  # the LR schedule spans the same steps
+    assert c.warmup_epochs * spe == pytest.approx(2.0 * vanilla_spe), method
+  assert trainer.loader_batch_size(configs['fast_advprop']) == 80  # 1.25x the images per step
+  assert configs['fine_grained_advprop'].fine_grained_epsilons_pixels == (2.0, 4.0)
+  assert configs['afan'].afan.stage == 1
+
+
+def test_table_mean_std_and_relative_step_time():
+  runs = {'vanilla': {0: dict(clean=90.0, pgd=50.0, corruptions=70.0, step_ms=10.0),
+                      1: dict(clean=92.0, pgd=52.0, corruptions=72.0, step_ms=30.0)},
+          'advprop': {0: dict(clean=95.0, pgd=60.0, corruptions=80.0, step_ms=40.0)}}
+  table = ablation.aggregate(runs)
+  assert table['vanilla']['clean'] == pytest.approx((91.0, np.std([90, 92], ddof=1)))
+  assert table['advprop']['rel_step'] == (2.0, 0.0)
+  lines = ablation.markdown_table(table).splitlines()
+  assert lines[2].split(' | ')[-1] == '1.00 ± 0.71 |'
+  assert lines[3].startswith('| advprop | 1 | 95.0 ± 0.0 | 60.0 ± 0.0 | 80.0 ± 0.0 | 40.0 ± 0.0')
+
+
+@pytest.mark.slow
+def test_quick_ablation_end_to_end(tmp_path):
+  workdir = str(tmp_path / 'ablation')
+  table = ablation.main([f'--workdir={workdir}', '--methods=vanilla,advprop', '--seeds=0',
+                         '--steps=3', '--quick', f'--config={CONFIG}'])
+  assert list(table) == ['vanilla', 'advprop']
+  with open(os.path.join(workdir, 'ablation.md')) as f:
+    text = f.read()
+  rows = [line for line in text.splitlines() if line.startswith('|')]
+  header = [c.strip() for c in rows[0].strip('|').split('|')]
+  assert header == ['method', 'seeds'] + list(ablation.COLUMNS)
+  assert [r.split('|')[1].strip() for r in rows[2:]] == ['vanilla', 'advprop']
+  for row in rows[2:]:
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert len(cells) == len(header) and cells[1] == '1'
+    values = [_parse(c) for c in cells[2:]]
+    for (mean, std), column in zip(values, ablation.COLUMNS):
+      assert std == 0.0  # one seed
+      if '%' in column:
+        assert 0.0 <= mean <= 100.0
+      else:
+        assert mean > 0.0
+  assert _parse(rows[2].strip('|').split('|')[-1].strip())[0] == 1.0  # vanilla / vanilla
+  assert '3 optimizer steps per run' in text
+  assert os.path.getsize(os.path.join(workdir, 'ablation.png')) > 1000
+  for method in ('vanilla', 'advprop'):
+    run = os.path.join(workdir, method, 'seed0')
+    assert os.path.exists(os.path.join(run, 'final_metrics.json'))
+    assert os.path.exists(os.path.join(run, 'eval', 'eval_metrics.json'))
+  # Rerunning reads the finished runs back (no retraining) and gives the same table.
+  again = ablation.main([f'--workdir={workdir}', '--methods=vanilla,advprop', '--seeds=0',
+                         '--steps=3', '--quick', f'--config={CONFIG}'])
+  assert again == table
