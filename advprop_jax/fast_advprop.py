@@ -10,7 +10,9 @@ Per device, the shard holds n_clean + n_adv images, n_adv = round(adv_fraction *
   2. the last n_adv images, DIFFERENT images (decoupled from the clean ones): one FGSM step with the aux
      BN in train mode (batch statistics, running statistics untouched). The single backward pass of that
      step gives the input gradient (for the attack) and the parameter gradient, which is reused as a
-     training gradient with weight `noise_weight` (the "noise" gradient) instead of being thrown away;
+     training gradient with weight `noise_weight` (the "noise" gradient) instead of being thrown away.
+     Steps 1 and 2 run as ONE mixed batch through the shared layers (`clean_and_attack`: the rows are
+     normalised by their own BNs), so a step costs two passes, not three;
   3. the adversarial examples are shuffled across BN groups (see `shuffle_across_groups`), then the
      adversarial pass runs with the aux BN, train mode, updating `batch_stats_adv` (weight `adv_weight`).
 Each parameter group's summed gradient is divided by its own weighted sample count (`group_divisors`),
@@ -61,22 +63,34 @@ def group_divisors(params, n_clean: int, n_adv: int, noise_weight: float, adv_we
   return traverse_util.unflatten_dict(divisors)
 
 
+def _attack_start(x, rng, settings):
+  """(starting point of the attack, projection onto the eps-ball around x and the input range)."""
+  eps = jnp.asarray(settings['epsilon'], x.dtype)
+
+  def project(z):
+    return jnp.clip(jnp.clip(z, x - eps, x + eps), settings['clip_min'], settings['clip_max'])
+
+  if settings['random_start'] > 0:
+    return project(x + attacks.random_start_delta(rng, x, eps, settings['random_start'])), project
+  return x, project
+
+
+def _fgsm(x0, input_grad, project, settings):
+  """One untargeted signed-gradient step from x0 (only the sign of input_grad matters)."""
+  step = jnp.asarray(settings['step_size'], x0.dtype)
+  return lax.stop_gradient(project(x0 + step * jnp.sign(input_grad).astype(x0.dtype)))
+
+
 def attack_step(passes, params, model_state, x, labels, rng, *, settings, loss_fn):
   """One untargeted FGSM step with the aux BN in train mode, and the parameter gradient of its loss.
 
   ONE `jax.value_and_grad` w.r.t. (params, input): the backward pass the attack needs anyway also yields
   d(sum loss)/d(params) at the attack's starting point (x itself unless `random_start`), which Fast
   AdvProp reuses. Returns (x_adv with gradients stopped, summed loss, parameter gradient, logits).
+  Used on its own when noise_weight is 0; otherwise `clean_and_attack` does this inside the clean pass.
   """
   start_rng, dropout_rng = jax.random.split(rng)
-  eps = jnp.asarray(settings['epsilon'], x.dtype)
-
-  def project(z):  # back into the eps-ball around x, then into the valid input range
-    return jnp.clip(jnp.clip(z, x - eps, x + eps), settings['clip_min'], settings['clip_max'])
-
-  x0 = x
-  if settings['random_start'] > 0:
-    x0 = project(x + attacks.random_start_delta(start_rng, x, eps, settings['random_start']))
+  x0, project = _attack_start(x, start_rng, settings)
 
   def loss(p, z):  # summed, like objectives' attacks: per-example input gradients not scaled by 1/n
     logits, _ = passes(p, model_state, z, distribution=ADV, train=True, rng=dropout_rng,
@@ -85,9 +99,61 @@ def attack_step(passes, params, model_state, x, labels, rng, *, settings, loss_f
 
   (loss_sum, logits), (param_grads, input_grad) = jax.value_and_grad(
       loss, argnums=(0, 1), has_aux=True)(params, x0)
-  step = jnp.asarray(settings['step_size'], x.dtype)
-  x_adv = project(x0 + step * jnp.sign(input_grad).astype(x.dtype))
-  return lax.stop_gradient(x_adv), loss_sum, param_grads, logits
+  return _fgsm(x0, input_grad, project, settings), loss_sum, param_grads, logits
+
+
+def clean_and_attack(passes, params, model_state, batch, n_clean, rng, *, settings, loss_fn,
+                     noise_weight):
+  """The clean pass and the attack step as ONE mixed batch, with one backward pass.
+
+  Rows [0, n_clean) are the clean images (main BN, train mode, running statistics updated), the rest the
+  adversarial-source images (aux BN with batch statistics, running statistics untouched). The loss is
+  clean_sum + noise_weight * noise_sum, so the single backward pass yields the clean gradient plus the
+  weighted "noise" gradient, and the input gradient of the source rows, which is noise_weight times the
+  attack's own (noise_weight > 0: same sign, same FGSM step). Same numbers as the clean pass and
+  `attack_step` run separately, but the shared layers see one (n_clean + n_adv)-image batch instead of a
+  small n_adv one. Returns (x_adv, parameter gradient, new model state, clean/noise sums and logits).
+  """
+  x, labels = batch['image'], batch['label']
+  start_rng, dropout_rng = jax.random.split(rng)
+  x0, project = _attack_start(x[n_clean:], start_rng, settings)
+  mixed = ((CLEAN, n_clean), (ADV, x.shape[0] - n_clean))
+
+  def loss(p, source):
+    logits, state = passes(p, model_state, jnp.concatenate([x[:n_clean], source]), distribution=mixed,
+                           train=True, rng=dropout_rng, update_stats=(CLEAN,))
+    per_example = loss_fn(logits, labels)
+    clean_sum, noise_sum = jnp.sum(per_example[:n_clean]), jnp.sum(per_example[n_clean:])
+    return clean_sum + noise_weight * noise_sum, (state, logits, clean_sum, noise_sum)
+
+  (_, (state, logits, clean_sum, noise_sum)), (param_grads, input_grad) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(params, x0)
+  return dict(x_adv=_fgsm(x0, input_grad, project, settings), grads=param_grads, model_state=state,
+              clean_sum=clean_sum, noise_sum=noise_sum, clean_logits=logits[:n_clean],
+              noise_logits=logits[n_clean:])
+
+
+def separate_clean_and_attack(passes, params, model_state, batch, n_clean, rng, *, settings, loss_fn,
+                              noise_weight):
+  """`clean_and_attack` as two passes: the clean pass, and `attack_step` whose parameter gradient is
+  added with weight noise_weight (the only way when noise_weight is 0: the mixed batch's input gradient
+  would then be zero)."""
+  x, labels = batch['image'], batch['label']
+  clean_rng, attack_rng = jax.random.split(rng)
+
+  def clean_loss(p):
+    logits, state = passes(p, model_state, x[:n_clean], distribution=CLEAN, train=True, rng=clean_rng)
+    clean_sum = jnp.sum(loss_fn(logits, labels[:n_clean]))
+    return clean_sum, (state, logits)
+
+  (clean_sum, (state, clean_logits)), clean_grads = jax.value_and_grad(clean_loss, has_aux=True)(params)
+  x_adv, noise_sum, noise_grads, noise_logits = attack_step(
+      passes, params, model_state, x[n_clean:], labels[n_clean:], attack_rng, settings=settings,
+      loss_fn=loss_fn)
+  grads = (jax.tree.map(lambda c, n: c + noise_weight * n, clean_grads, noise_grads) if noise_weight
+           else clean_grads)  # unused noise gradient: XLA drops its computation
+  return dict(x_adv=x_adv, grads=grads, model_state=state, clean_sum=clean_sum, noise_sum=noise_sum,
+              clean_logits=clean_logits, noise_logits=noise_logits)
 
 
 def _axis_size(axis_name):
@@ -153,27 +219,25 @@ def build(model, config, passes):
     return objectives.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
 
   def grad_fn(params, model_state, batch, rng):
-    x, labels = batch['image'], batch['label']
+    labels = batch['label']
     n_clean, n_adv = split_sizes(labels.shape[0], fa.adv_fraction)
-    attack_rng, shuffle_rng, clean_rng, adv_rng = jax.random.split(rng, 4)
+    attack_rng, shuffle_rng, adv_rng = jax.random.split(rng, 3)
+    first = (clean_and_attack if noise_w > 0 else separate_clean_and_attack)(
+        passes, params, model_state, batch, n_clean, attack_rng, settings=settings, loss_fn=loss_fn,
+        noise_weight=noise_w)
+    x_adv, adv_labels = shuffle_across_groups((first['x_adv'], labels[n_clean:]), shuffle_rng)
 
-    x_adv, noise_sum, noise_grads, noise_logits = attack_step(
-        passes, params, model_state, x[n_clean:], labels[n_clean:], attack_rng,
-        settings=settings, loss_fn=loss_fn)
-    x_adv, adv_labels = shuffle_across_groups((x_adv, labels[n_clean:]), shuffle_rng)
+    def adv_loss(p):  # the adversarial pass: aux BN, train mode, updates `batch_stats_adv`
+      logits, state = passes(p, first['model_state'], x_adv, distribution=ADV, train=True, rng=adv_rng)
+      adv_sum = jnp.sum(loss_fn(logits, adv_labels))
+      return adv_w * adv_sum, (state, logits, adv_sum)
 
-    def summed_loss(p):  # clean pass (main BN) + weighted adversarial pass (aux BN), summed over samples
-      clean_logits, state = passes(p, model_state, x[:n_clean], distribution=CLEAN, train=True,
-                                   rng=clean_rng)
-      adv_logits, state = passes(p, state, x_adv, distribution=ADV, train=True, rng=adv_rng)
-      clean_sum = jnp.sum(loss_fn(clean_logits, labels[:n_clean]))
-      adv_sum = jnp.sum(loss_fn(adv_logits, adv_labels))
-      return clean_sum + adv_w * adv_sum, (state, clean_logits, adv_logits, clean_sum, adv_sum)
-
-    sum_grads, (model_state, clean_logits, adv_logits, clean_sum, adv_sum) = jax.grad(
-        summed_loss, has_aux=True)(params)
+    adv_grads, (model_state, adv_logits, adv_sum) = jax.grad(adv_loss, has_aux=True)(params)
+    sum_grads = jax.tree.map(jnp.add, first['grads'], adv_grads)
+    clean_sum, noise_sum = first['clean_sum'], first['noise_sum']
+    clean_logits, noise_logits = first['clean_logits'], first['noise_logits']
     divisors = group_divisors(params, n_clean, n_adv, noise_w, adv_w)
-    grads = jax.tree.map(lambda g, gn, d: (g + noise_w * gn) / d, sum_grads, noise_grads, divisors)
+    grads = jax.tree.map(jnp.divide, sum_grads, divisors)
     loss = (clean_sum + noise_w * noise_sum + adv_w * adv_sum) / (n_clean + n_adv * (noise_w + adv_w))
     if config.l2_weight:
       l2, l2_grads = jax.value_and_grad(optim.l2_loss)(params)

@@ -5,6 +5,7 @@
 * `drop_connect`: stochastic depth on a residual branch.
 """
 import functools
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -25,10 +26,25 @@ def param_suffix(distribution: str) -> str:
   return '' if distribution == CLEAN else f'_{distribution}'
 
 
-def check_distribution(distribution: str, distributions: Sequence[str]) -> None:
-  if distribution not in distributions:
-    raise ValueError(f'distribution={distribution!r} is not one of this model\'s distributions '
-                     f'{tuple(distributions)}')
+def distribution_segments(distribution) -> tuple:
+  """`distribution` as ((name, size or None), ...).
+
+  A pass normally has one distribution (a name). A *mixed* pass, ((name, size), ...), runs images of
+  several distributions through the shared weights as ONE batch: rows [0, size_0) are normalised by the
+  BN of name_0, the next size_1 rows by that of name_1, and so on. Convolutions then see one large batch
+  instead of several small ones (better accelerator utilisation, one backward pass), while BN statistics
+  stay separate per distribution.
+  """
+  if isinstance(distribution, str):
+    return ((distribution, None),)
+  return tuple((name, int(size)) for name, size in distribution)
+
+
+def check_distribution(distribution, distributions: Sequence[str]) -> None:
+  for name, _ in distribution_segments(distribution):
+    if name not in distributions:
+      raise ValueError(f'distribution={name!r} is not one of this model\'s distributions '
+                       f'{tuple(distributions)}')
 
 
 class DistributionBatchNorm(nn.Module):
@@ -61,20 +77,68 @@ class DistributionBatchNorm(nn.Module):
     return scale, bias, mean, var
 
   @nn.compact
-  def __call__(self, x, *, train: bool, distribution: str = CLEAN):
+  def __call__(self, x, *, train: bool, distribution=CLEAN):
     check_distribution(distribution, self.distributions)
+    segments = distribution_segments(distribution)
     features = x.shape[-1]
     if self.is_initializing():  # create every distribution's variables, in a fixed order
       for d in self.distributions:
-        if d != distribution:
+        if d not in dict(segments):
           self._variables(d, features)
-    scale, bias, ra_mean, ra_var = self._variables(distribution, features)
+    x32 = x.astype(jnp.float32) if train else None
+    if len(segments) == 1:
+      moments = None
+      if train:
+        reduce_axes = tuple(range(x.ndim - 1))
+        moments = jnp.mean(x32, reduce_axes), jnp.mean(lax.square(x32), reduce_axes)
+      mul, add = self._affine(segments[0][0], features, moments)
+    else:
+      mul, add = self._mixed_affine(x32, x.shape, segments, train)
+    return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
+  def _mixed_affine(self, x32, shape, segments, train):
+    """Per-row (mul, add) of a mixed batch, shaped to broadcast against it.
+
+    Statistics come from per-row sums over the spatial axes, sliced per segment: slicing the activation
+    itself (split + concatenate) costs a pad and an add of the full activation per BN in the backward
+    pass; slicing the [batch, channels] sums costs nothing.
+    """
+    sizes = [size for _, size in segments]
+    if sum(sizes) != shape[0]:
+      raise ValueError(f'mixed distribution {segments} covers {sum(sizes)} rows; the batch has '
+                       f'{shape[0]}')
     if train:
-      x32 = x.astype(jnp.float32)
-      reduce_axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x32, reduce_axes)
-      mean_sq = jnp.mean(lax.square(x32), reduce_axes)
+      spatial = tuple(range(1, len(shape) - 1))
+      row_sum, row_sq = jnp.sum(x32, spatial), jnp.sum(lax.square(x32), spatial)
+      pixels = math.prod(shape[1:-1])
+    muls, adds, start = [], [], 0
+    for name, size in segments:
+      moments = None
+      if train:
+        rows = slice(start, start + size)
+        moments = (jnp.sum(row_sum[rows], 0) / (size * pixels),
+                   jnp.sum(row_sq[rows], 0) / (size * pixels))
+      mul, add = self._affine(name, shape[-1], moments)
+      muls.append(mul)
+      adds.append(add)
+      start += size
+    row_shape = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+
+    def per_row(values):
+      rows = [jnp.broadcast_to(v, (size, shape[-1])) for v, size in zip(values, sizes)]
+      return jnp.concatenate(rows).reshape(row_shape)
+    return per_row(muls), per_row(adds)
+
+  def _affine(self, distribution: str, features: int, moments):
+    """(mul, add) with normalised x = x * mul + add, for one distribution.
+
+    moments: the batch's (mean, mean of squares) per channel in train mode (averaged over `axis_name`,
+    and folded into the running statistics when the collection is mutable), None to use the running
+    statistics.
+    """
+    scale, bias, ra_mean, ra_var = self._variables(distribution, features)
+    if moments is not None:
+      mean, mean_sq = moments
       if self.axis_name is not None and not self.is_initializing():
         mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
       var = jnp.maximum(mean_sq - lax.square(mean), 0.0)
@@ -85,8 +149,7 @@ class DistributionBatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     # Fold normalisation and affine into one multiply-add in the activation dtype.
     mul = scale * lax.rsqrt(var + self.epsilon)
-    add = bias - mean * mul
-    return x * mul.astype(self.dtype) + add.astype(self.dtype)
+    return mul, bias - mean * mul
 
 
 def _same_padding(size: int, kernel: int, stride: int):

@@ -14,7 +14,7 @@ import optax
 
 from advprop_jax import attacks
 from advprop_jax import optim
-from advprop_jax.layers import CLEAN, stats_collection
+from advprop_jax.layers import CLEAN, distribution_segments, stats_collection
 
 METHODS = ('vanilla', 'adv_train', 'advprop', 'fine_grained_advprop', 'fast_advprop', 'afan')
 ATTACK_BN_MODES = ('eval', 'train')
@@ -40,7 +40,11 @@ def accuracy(logits, labels):
 
 
 class Passes:
-  """Forward passes of `model` for one distribution; running statistics update only when asked."""
+  """Forward passes of `model` for one distribution (or a mixed batch, see layers.distribution_segments).
+
+  Running statistics update only when asked: `update_stats` True updates every distribution of the
+  pass, False none, a tuple of names only those.
+  """
 
   def __init__(self, model):
     self.model = model
@@ -48,10 +52,12 @@ class Passes:
   def __call__(self, params, model_state, x, *, distribution, train, rng=None, update_stats=True):
     variables = {'params': params, **model_state}
     rngs = {'dropout': rng} if (train and rng is not None) else {}
+    if update_stats is True:
+      update_stats = tuple(name for name, _ in distribution_segments(distribution))
     if train and update_stats:
-      collection = stats_collection(distribution)
       logits, updates = self.model.apply(variables, x, train=True, distribution=distribution,
-                                         mutable=[collection], rngs=rngs)
+                                         mutable=[stats_collection(d) for d in update_stats],
+                                         rngs=rngs)
       return logits, {**model_state, **updates}
     return self.model.apply(variables, x, train=train, distribution=distribution, rngs=rngs), model_state
 

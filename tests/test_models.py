@@ -107,6 +107,25 @@ def test_eval_uses_running_statistics(three_distributions):
   assert not np.allclose(full, model.apply(dict(variables, batch_stats=shifted), x), atol=1e-3)
 
 
+def test_mixed_batch_equals_separate_passes(three_distributions):
+  """A mixed pass ((clean, 5), (adv2, 3)) = the two single-distribution passes, row for row."""
+  model, variables, x = three_distributions
+  mixed, updates = model.apply(variables, x, train=True, distribution=(('clean', 5), ('adv2', 3)),
+                               mutable=['batch_stats', 'batch_stats_adv2'])
+  clean, clean_updates = model.apply(variables, x[:5], train=True, distribution='clean',
+                                     mutable=['batch_stats'])
+  adv, adv_updates = model.apply(variables, x[5:], train=True, distribution='adv2',
+                                 mutable=['batch_stats_adv2'])
+  np.testing.assert_allclose(mixed, jnp.concatenate([clean, adv]), rtol=1e-5, atol=1e-5)
+  for c, expected in (('batch_stats', clean_updates), ('batch_stats_adv2', adv_updates)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates[c],
+                 expected[c])
+  with pytest.raises(ValueError, match='covers 7 rows'):
+    model.apply(variables, x, train=True, distribution=(('clean', 4), ('adv1', 3)))
+  with pytest.raises(ValueError, match="'adv3'"):
+    model.apply(variables, x, train=True, distribution=(('clean', 4), ('adv3', 4)))
+
+
 def test_unknown_distribution(three_distributions):
   model, variables, x = three_distributions
   with pytest.raises(ValueError, match="'adv3'.*clean"):

@@ -118,7 +118,7 @@ class MBConv(nn.Module):
   se_ratio: float = 0.25
 
   @nn.compact
-  def __call__(self, x, train: bool, distribution: str):
+  def __call__(self, x, train: bool, distribution):
     conv = functools.partial(_conv, use_bias=False, dtype=self.dtype)
 
     def norm(y, name):
@@ -169,7 +169,7 @@ class EfficientNet(nn.Module):
   head_features: int = 1280
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, distribution: str = layers.CLEAN,
+  def __call__(self, x, *, train: bool = False, distribution=layers.CLEAN,
                from_stage: int = 0, to_stage: Optional[int] = None):
     layers.check_distribution(distribution, self.distributions)
     norm = functools.partial(layers.DistributionBatchNorm, distributions=tuple(self.distributions),

@@ -72,7 +72,7 @@ class Bottleneck(nn.Module):
   zero_init_residual: bool = True
 
   @nn.compact
-  def __call__(self, x, train: bool, distribution: str):
+  def __call__(self, x, train: bool, distribution):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init())
 
     def norm(y, name, **kwargs):
@@ -116,7 +116,7 @@ class ResNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, distribution: str = layers.CLEAN,
+  def __call__(self, x, *, train: bool = False, distribution=layers.CLEAN,
                from_stage: int = 0, to_stage: Optional[int] = None):
     layers.check_distribution(distribution, self.distributions)
     num_stages = len(self.stage_sizes)
