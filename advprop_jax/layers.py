@@ -37,7 +37,11 @@ def distribution_segments(distribution) -> tuple:
   """
   if isinstance(distribution, str):
     return ((distribution, None),)
-  return tuple((name, int(size)) for name, size in distribution)
+  segments = tuple((name, int(size)) for name, size in distribution)
+  names = [name for name, _ in segments]
+  if len(set(names)) != len(names):  # a BN would fold two batches into its running statistics
+    raise ValueError(f'mixed distribution {distribution} names a distribution twice')
+  return segments
 
 
 def check_distribution(distribution, distributions: Sequence[str]) -> None:
@@ -54,6 +58,8 @@ class DistributionBatchNorm(nn.Module):
   clean scale/bias are params `scale`/`bias`, those of D are `scale_D`/`bias_D`. Initialisation creates
   every distribution's variables; a pass touches only its own distribution's, so
   `apply(..., distribution='adv', mutable=['batch_stats_adv'])` can never write the clean statistics.
+
+  `distribution` may also be a mixed batch, ((name, rows), ...): see `distribution_segments`.
 
   train=True normalises with batch statistics (averaged over the mesh axis `axis_name` when set) and
   updates the running statistics only if the distribution's collection is mutable: that is how an attack

@@ -124,6 +124,8 @@ def test_mixed_batch_equals_separate_passes(three_distributions):
     model.apply(variables, x, train=True, distribution=(('clean', 4), ('adv1', 3)))
   with pytest.raises(ValueError, match="'adv3'"):
     model.apply(variables, x, train=True, distribution=(('clean', 4), ('adv3', 4)))
+  with pytest.raises(ValueError, match='twice'):
+    model.apply(variables, x, train=True, distribution=(('adv1', 4), ('adv1', 4)))
 
 
 def test_unknown_distribution(three_distributions):
