@@ -213,12 +213,13 @@ def write_plot(table, path):
 
 def run_ablation(workdir, methods=ALL_METHODS, seeds=(0,), *, epochs=None, steps=None,
                  config_path='configs/demo.py', quick=False, command=None) -> dict:
+  from advprop_jax import trainer
   start = time.time()
   runs, settings = {}, {}
   for method in methods:
     for seed in seeds:
       config = method_config(config_path, method, seed, epochs=epochs, steps=steps, quick=quick)
-      settings[method] = dict(steps=config.max_steps, loader_batch=_loader_batch(config))
+      settings[method] = dict(steps=config.max_steps, loader_batch=trainer.loader_batch_size(config))
       run_dir = os.path.join(workdir, method, f'seed{seed}')
       logging.info('ablation: %s seed %d (%d steps) in %s', method, seed, config.max_steps, run_dir)
       runs.setdefault(method, {})[seed] = run_one(config, run_dir)
@@ -246,11 +247,6 @@ def run_ablation(workdir, methods=ALL_METHODS, seeds=(0,), *, epochs=None, steps
   return table
 
 
-def _loader_batch(config):
-  from advprop_jax import trainer
-  return trainer.loader_batch_size(config)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True)
@@ -266,6 +262,12 @@ def main(argv=None):
   unknown = set(methods) - set(ALL_METHODS)
   if unknown:
     parser.error(f'unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}')
+  try:
+    seeds = [int(s) for s in args.seeds.split(',') if s]
+  except ValueError:
+    parser.error(f'--seeds={args.seeds!r}: a comma-separated list of integers, e.g. 0,1,2')
+  if not seeds:
+    parser.error('--seeds is empty: give at least one integer seed, e.g. 0,1,2')
   steps = args.steps if args.steps is not None else (4 if args.quick and args.epochs is None
                                                      else None)
   logging.basicConfig(level=logging.INFO)
@@ -279,7 +281,7 @@ def main(argv=None):
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
   command = 'python -m advprop_jax.ablation ' + ' '.join(sys.argv[1:] if argv is None else argv)
-  table = run_ablation(args.workdir, methods, [int(s) for s in args.seeds.split(',') if s],
+  table = run_ablation(args.workdir, methods, seeds,
                        epochs=args.epochs, steps=steps, config_path=args.config, quick=args.quick,
                        command=command)
   print(markdown_table(table))

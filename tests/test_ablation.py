@@ -78,3 +78,13 @@ def test_quick_ablation_end_to_end(tmp_path):
   again = ablation.main([f'--workdir={workdir}', '--methods=vanilla,advprop', '--seeds=0',
                          '--steps=3', '--quick', f'--config={CONFIG}'])
   assert again == table
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--seeds=0,x'], '--seeds'), (['--seeds=,'], '--seeds'), (['--methods=vanilla,magic'], 'magic')])
+def test_bad_arguments_stop_before_training(tmp_path, capsys, argv, message):
+  with pytest.raises(SystemExit) as exit_info:
+    ablation.main([f'--workdir={tmp_path}'] + argv)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())  # nothing written
