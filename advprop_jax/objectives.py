@@ -17,6 +17,7 @@ from advprop_jax import optim
 from advprop_jax.layers import CLEAN, distribution_segments, stats_collection
 
 METHODS = ('vanilla', 'adv_train', 'advprop', 'fine_grained_advprop', 'fast_advprop', 'afan')
+SINGLE_LOSS_METHODS = METHODS[:4]  # their gradient is jax.grad of `_loss`
 ATTACK_BN_MODES = ('eval', 'train')
 
 
@@ -180,11 +181,20 @@ def make_grad_fn(model, config) -> Callable:
   if config.method not in METHODS:
     raise ValueError(f'method={config.method!r}; allowed: {METHODS}')
 
+  loss_fn = make_loss_fn(model, config)
+
   def grad_fn(params, model_state, batch, rng):
-    grads, (model_state, metrics) = jax.grad(
-        functools.partial(_loss, config, passes), has_aux=True)(params, model_state, batch, rng)
+    grads, (model_state, metrics) = jax.grad(loss_fn, has_aux=True)(params, model_state, batch, rng)
     return grads, model_state, metrics
   return grad_fn
+
+
+def make_loss_fn(model, config) -> Callable:
+  """`(params, model_state, batch, rng) -> (loss, (new_model_state, metrics))` of a method whose
+  gradient is the gradient of one loss (Fast AdvProp and A-FAN build their gradients otherwise)."""
+  if config.method not in SINGLE_LOSS_METHODS:
+    raise ValueError(f'method={config.method!r} has no single loss; allowed: {SINGLE_LOSS_METHODS}')
+  return functools.partial(_loss, config, Passes(model))
 
 
 # Methods whose gradient is not the gradient of one loss (Fast AdvProp reuses the attack's backward

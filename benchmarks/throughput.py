@@ -2,7 +2,7 @@
 
   python -m benchmarks.throughput --model=efficientnet-b0 --method=advprop --batch=16 \
       --image_size=224 --dtype=float32 --steps=5 [--attack_steps=K] [--remat] [--bn_group_size=k] \
-      [--model_overrides='{"width": 0.25}'] [--peak_flops=F]
+      [--model_overrides='{"width": 0.25}'] [--peak_flops=F] [--cpu_devices=N]
   python -m benchmarks.throughput --methods=vanilla,advprop --attack_steps=1,5   # one process, compared
 
 The model, optimizer and step are built exactly as training builds them (trainer.build_model /
@@ -13,6 +13,13 @@ of the compiled step (per-device program); MFU = achieved FLOP/s / the device's 
 or --peak_flops). `images_per_sec` counts images drawn from the loader (the clean batch), so methods that
 do more work per image (AdvProp) compare on the same data. The last line printed is JSON (a list when
 several runs are made: one object per run, plus the cost-model comparison).
+
+On a CPU-only host the step runs data-parallel over one XLA:CPU device per core (`--cpu_devices`, default:
+one per core when the batch divides) with global BatchNorm (`--bn_group_size=-1`, the CPU default), so
+it does exactly the single-device work: XLA:CPU runs the devices' programs concurrently, which keeps
+both cores busy through the step's many small, serial ops (B0 vanilla on 2 cores: ~10-20 % faster than
+one device with both cores). On Linux the command re-runs itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+(benchmarks/hugepages.py; --no_hugepages to opt out): ~25 % faster CPU steps. Both in RESULTS.md.
 
 Cost model: AdvProp with K PGD steps costs ~(K + 2) x a vanilla step (K attack forward+backward passes,
 plus the clean and the adversarial training forward+backward).
@@ -26,6 +33,7 @@ import statistics
 import sys
 import time
 
+from benchmarks import hugepages
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +59,7 @@ CPU_MEASURED_PEAK_FLOPS = {'float32': 87e9, 'bfloat16': 87e9}
 
 
 def measure_cpu_peak(n: int = 2048, reps: int = 5) -> float:
-  """Best fp32 FLOP/s of an n^3 matmul on the default device (all its threads)."""
+  """Best fp32 FLOP/s of an n^3 matmul on the default device (all the host's threads), per device."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
@@ -60,14 +68,17 @@ def measure_cpu_peak(n: int = 2048, reps: int = 5) -> float:
     t = time.perf_counter()
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n ** 3 / best / jax.local_device_count()
 
 
 def device_peak_flops(device, dtype: str):
   """(peak FLOP/s per device, source) for `device`, or (None, reason)."""
   kind = device.device_kind.lower()
   if device.platform == 'cpu':
-    return CPU_MEASURED_PEAK_FLOPS[dtype], 'cpu-as-measured (2-core EPYC VM table entry)'
+    # The table entry is the whole host's; XLA:CPU devices of one process share its cores.
+    n = jax.local_device_count()
+    return (CPU_MEASURED_PEAK_FLOPS[dtype] / n,
+            f'cpu-as-measured (2-core EPYC VM table entry{f", / {n} devices" if n > 1 else ""})')
   for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific first
     if key in kind:
       return PEAK_FLOPS[key][dtype], f'published {key} {dtype}'
@@ -185,11 +196,22 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
   t2 = time.perf_counter()
   xla_flops = _flops(compiled)  # per-device program
   flops = xla_flops + attack_loop_flops(model, config, state, n // len(mesh.devices.flat))
-  temp_bytes = None
+  temp_bytes = footprint = None
   try:
-    temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+    ma = compiled.memory_analysis()
+    temp_bytes = int(ma.temp_size_in_bytes)
+    # What the step program holds at once by XLA's buffer plan: inputs + outputs (less those donated
+    # into outputs) + scratch. Per run, unlike the allocator's peak, which is the process's so far.
+    footprint = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                    + ma.temp_size_in_bytes)
   except Exception:  # pylint: disable=broad-except
     pass
+  if args.compile_only:
+    log(f'[{method} compile only] trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, '
+        f'XLA footprint {(footprint or 0) / 2**20:.0f} MiB')
+    return dict(model=args.model, method=method, batch=n, image_size=size, dtype=args.dtype,
+                trace_lower_s=t1 - t0, compile_s=t2 - t1, xla_footprint_bytes=footprint,
+                compiled_temp_bytes=temp_bytes)
 
   times = []
   for i in range(args.warmup + args.steps):
@@ -209,15 +231,17 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
   result = dict(
       model=args.model, method=method, attack_steps=attack_steps if method != 'vanilla' else 0,
       batch=n, image_size=size, dtype=args.dtype, remat=bool(config.model_overrides.get('remat', False)),
-      devices=num_dev, device_kind=device.device_kind,
+      devices=num_dev, bn_group_size=int(mesh.shape[parallel.BN_AXIS]), device_kind=device.device_kind,
       images_per_sec=n / step_s, step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3,
       step_ms_all=[round(t * 1e3, 1) for t in times],
       trace_lower_s=t1 - t0, compile_s=t2 - t1,
       peak_bytes=mem, peak_bytes_source=mem_src, compiled_temp_bytes=temp_bytes,
+      xla_footprint_bytes=footprint,
       flops_per_step=flops * num_dev, xla_cost_analysis_flops=xla_flops * num_dev, achieved_flops_per_sec=achieved * num_dev,
       peak_flops_per_device=peak, peak_flops_source=peak_src,
       mfu=achieved / peak if peak else float('nan'), loss=loss,
-      load_average=os.getloadavg()[0], xla_flags=os.environ.get('XLA_FLAGS', ''))
+      load_average=os.getloadavg()[0], xla_flags=os.environ.get('XLA_FLAGS', ''),
+      glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
   log(f'[{method}{"" if method == "vanilla" else f" PGD-{attack_steps}"}] {n / step_s:.2f} img/s, '
       f'step {step_s * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f}), '
       f'trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, peak mem {mem / 2**20:.0f} MiB '
@@ -259,26 +283,77 @@ def parse_args(argv=None):
   p.add_argument('--steps', type=int, default=5, help='timed steps')
   p.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   p.add_argument('--remat', action='store_true', help='model override remat=True')
-  p.add_argument('--bn_group_size', type=int, default=0)
+  p.add_argument('--bn_group_size', type=int, default=None,
+                 help='default: -1 (global BN: the single-device statistics) on CPU, 0 (the TF rule of '
+                      'the recipe) on accelerators')
+  p.add_argument('--cpu_devices', type=int, default=0,
+                 help='XLA:CPU devices to split a CPU-only host into (one per core is fastest); 0 = one '
+                      'per core when every run\'s loader batch divides, else 1. Must be set before JAX '
+                      'starts: ignored (with a message) when called in a process that already has, and '
+                      'when XLA_FLAGS forces a device count')
   p.add_argument('--model_overrides', default='', help='JSON dict of create_model overrides')
   p.add_argument('--peak_flops', type=float, default=None, help='peak FLOP/s per device (MFU)')
+  p.add_argument('--compile_only', action='store_true',
+                 help='build and compile only (no steps): fills a persistent compilation cache '
+                      '(JAX_COMPILATION_CACHE_DIR) so several configs can compile in parallel, then be '
+                      'timed one by one')
+  p.add_argument('--no_hugepages', action='store_true',
+                 help='run as started: do not re-exec with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 '
+                      '(huge pages for host buffers: ~25 %% faster CPU steps for B0; see RESULTS.md)')
   p.add_argument('--measure_peak', action='store_true',
                  help='measure this CPU\'s fp32 matmul peak and use it for MFU')
   return p.parse_args(argv)
 
 
+def host_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def split_cpu_devices(args, methods, log=print) -> None:
+  """Makes JAX expose `args.cpu_devices` CPU devices (0: one per core if the batches divide).
+
+  Only the CPU backend is affected: on an accelerator host the mesh is the accelerators whatever this
+  sets. Must run before the first JAX computation.
+  """
+  from advprop_jax import config as config_lib, trainer
+  n = args.cpu_devices
+  if n == 0:
+    n = host_cores()
+    for method in methods:
+      config = config_lib.base_config()
+      config.method, config.global_batch_size = method, args.batch
+      if trainer.loader_batch_size(config) % n:
+        n = 1
+  if n == jax.config.jax_num_cpu_devices or 'xla_force_host_platform_device_count' in \
+      os.environ.get('XLA_FLAGS', ''):
+    return
+  try:
+    jax.config.update('jax_num_cpu_devices', n)
+  except RuntimeError:  # backends already up (the harness called from a test or a notebook)
+    if args.cpu_devices:
+      log(f'--cpu_devices={args.cpu_devices} ignored: JAX already started with '
+          f'{jax.local_device_count()} devices')
+
+
 def main(argv=None, log=print) -> list:
   args = parse_args(argv)
+  methods = (args.methods or args.method).split(',')
+  split_cpu_devices(args, methods, log)
+  if args.bn_group_size is None:
+    args.bn_group_size = -1 if jax.default_backend() == 'cpu' else 0
   if args.measure_peak:
     args.peak_flops = measure_cpu_peak()
-    log(f'measured peak: {args.peak_flops / 1e9:.1f} GFLOP/s (fp32 2048^3 matmul, best of 5)')
-  methods = (args.methods or args.method).split(',')
+    log(f'measured peak: {args.peak_flops / 1e9:.1f} GFLOP/s per device (fp32 2048^3 matmul, best of 5)')
   ks = [int(k) for k in str(args.attack_steps).split(',')]
   runs = []
   for method in methods:
-    for k in (ks if method not in ('vanilla',) else [0]):
+    # Vanilla has no attack, Fast AdvProp always one step: only the PGD methods vary with K.
+    for k in {'vanilla': [0], 'fast_advprop': [1]}.get(method, ks):
       runs.append((method, k))
   results = [run_one(args, m, k, log=log) for m, k in runs]
+  if args.compile_only:
+    log(json.dumps(results))
+    return results
   comparison = cost_model(results)
   for row in comparison:
     log(f'advprop PGD-{row["attack_steps"]}: {row["measured_ratio"]:.2f}x vanilla step time, cost model '
@@ -293,4 +368,5 @@ def main(argv=None, log=print) -> list:
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_hugepages()
   main()

@@ -1,6 +1,7 @@
 """The PyTorch/timm reference the CPU acceptance of the performance issue compares against.
 
   python benchmarks/timm_reference.py [--batch=16] [--image_size=224] [--steps=4] [--threads=N]
+      [--no_hugepages]
 
 Needs torch and timm, which are NOT in requirements.txt (this script is the only user; install them in a
 separate venv). Times, on the same machine and batch as benchmarks/throughput.py, timm's
@@ -18,6 +19,7 @@ import os
 import statistics
 import time
 
+import hugepages  # benchmarks/hugepages.py: this script runs by path, not as a module
 import timm
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,8 @@ def main():
   parser.add_argument('--steps', type=int, default=4)
   parser.add_argument('--attack_steps', type=int, default=1)
   parser.add_argument('--threads', type=int, default=os.cpu_count())
+  parser.add_argument(hugepages.OPT_OUT, action='store_true',
+                      help='run without GLIBC_TUNABLES=' + hugepages.TUNABLE)
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
@@ -73,8 +77,10 @@ def main():
                           batch=args.batch, image_size=args.image_size, threads=args.threads,
                           images_per_sec=args.batch / step_s, step_ms=1000 * step_s,
                           step_ms_all=[round(1000 * t, 1) for t in times],
-                          load_average=os.getloadavg()[0])))
+                          load_average=os.getloadavg()[0],
+                          glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))))
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_hugepages()  # the same malloc environment as benchmarks/throughput.py
   main()

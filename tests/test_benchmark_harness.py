@@ -1,12 +1,18 @@
 """benchmarks/throughput.py runs the real train step end to end and reports sane numbers (not speed)."""
 import json
 import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from benchmarks import throughput
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEYS = ('images_per_sec', 'step_ms', 'compile_s', 'peak_bytes', 'mfu')
 TINY = ['--model_overrides=' + json.dumps(dict(width=0.25, depth=0.25, depthwise_impl='grouped',
                                                head_features=64, drop_connect_rate=0.0)),
@@ -28,6 +34,34 @@ def test_harness_json_line():
   assert out['devices'] == jax.device_count() and out['batch'] == 8 and math.isfinite(out['loss'])
   # XLA counts the PGD fori_loop body once; the harness adds the second iteration back.
   assert result['flops_per_step'] > result['xla_cost_analysis_flops'] > 0
+
+
+def test_cpu_host_split_into_devices_with_global_bn():
+  """--cpu_devices splits the CPU into devices (a fresh process: JAX fixes the count at start-up) and
+  the CPU default is global BN, so the split step computes the single-device statistics."""
+  env = dict(os.environ, XLA_FLAGS=re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                                          os.environ.get('XLA_FLAGS', '')))
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.throughput', *TINY, '--method=vanilla',
+                         '--cpu_devices=2', '--steps=1', '--warmup=0'],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=True)
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['devices'] == 2 and out['bn_group_size'] == 2, out
+  # The host's peak is shared by its devices.
+  assert out['peak_flops_per_device'] == throughput.CPU_MEASURED_PEAK_FLOPS['float32'] / 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc tunables are Linux-only')
+def test_hugepages_reexec_sets_the_tunable_once_and_keeps_the_command():
+  script = ('import os, sys; from benchmarks import hugepages; hugepages.reexec_with_hugepages(); '
+            'print("TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:])')
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+
+  def run(*args):
+    return subprocess.run([sys.executable, '-c', script, *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=60, check=True).stdout
+  out = run('--steps=3')
+  assert 're-running' in out and "TUNABLES=glibc.malloc.hugetlb=1 ['--steps=3']" in out, out
+  assert "TUNABLES= ['--no_hugepages']" in run('--no_hugepages')
 
 
 def test_cost_model_ratio():
@@ -59,3 +93,27 @@ def test_peak_flops_table_and_override():
 def test_bad_override_is_rejected(argv):
   with pytest.raises(ValueError, match='no_such_field'):
     throughput.main(TINY[1:] + argv, log=lambda _: None)
+
+
+def test_compile_only_reports_compile_and_footprint_without_steps():
+  lines = []
+  (result,) = throughput.main(TINY + ['--method=vanilla', '--compile_only'], log=lines.append)
+  _positive_finite(result, ('compile_s', 'xla_footprint_bytes', 'compiled_temp_bytes'))
+  assert 'step_ms' not in result and json.loads(lines[-1])[0]['method'] == 'vanilla'
+
+
+def test_step_memory_counts_state_and_remat_residuals():
+  from benchmarks import memory
+  kwargs = dict(model_name='efficientnet-b0', image_size=32, batch=2, dtype='float32', num_classes=1000)
+  plain = memory.step_memory(method='vanilla', remat=False, **kwargs)
+  remat = memory.step_memory(method='vanilla', remat=True, **kwargs)
+  advprop = memory.step_memory(method='advprop', remat=False, **kwargs)
+  assert plain['num_params'] == 5_288_548  # RECIPE's B0 count: vanilla has the clean BN only
+  # params, EMA params, gradients and TF-RMSProp's two slots are five fp32 copies of the params.
+  assert plain['state_bytes'] >= 5 * 4 * plain['num_params']
+  assert plain['batch_bytes'] == 2 * 32 * 32 * 3 * 4 + 2 * 4
+  # remat keeps only each block's input (and the stem/head's): a small fraction of the activations.
+  act = 'activation_residual_bytes'
+  assert 0 < remat[act] < 0.2 * plain[act] < plain['residual_bytes']
+  # AdvProp keeps both training passes' activations (plus the adversarial batch).
+  assert advprop[act] > 1.9 * plain[act]
