@@ -173,11 +173,10 @@ def _loss(config, passes, params, model_state, batch, rng):
 
 def make_grad_fn(model, config) -> Callable:
   """`(params, model_state, batch, rng) -> (grads, new_model_state, metrics)` for `config.method`."""
-  passes = Passes(model)
   # Imported here, not at the top: these modules import this one, then register their builders.
   from advprop_jax import afan, fast_advprop  # noqa: F401
   if config.method in _EXTRA_METHODS:
-    return _EXTRA_METHODS[config.method](model, config, passes)
+    return _EXTRA_METHODS[config.method](model, config, Passes(model))
   if config.method not in METHODS:
     raise ValueError(f'method={config.method!r}; allowed: {METHODS}')
 

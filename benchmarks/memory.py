@@ -76,13 +76,10 @@ def step_memory(model_name: str, image_size: int, batch: int, dtype: str, method
   for eqn in closed.jaxpr.eqns:
     if any(v in on_batch for v in eqn.invars if not hasattr(v, 'val')):
       on_batch.update(eqn.outvars)
-  distinct = {}
-  for var in closed.jaxpr.outvars:
-    if hasattr(var, 'val') or var in inputs:  # literals; arrays that already exist (params, batch)
-      continue
-    distinct[id(var)] = var
-  activation_bytes = sum(_nbytes(v.aval) for v in distinct.values() if v in on_batch)
-  residual_bytes = sum(_nbytes(v.aval) for v in distinct.values())
+  # Skip literals and arrays that already exist (params, batch); a residual may be listed twice.
+  distinct = {v for v in closed.jaxpr.outvars if not hasattr(v, 'val') and v not in inputs}
+  activation_bytes = sum(_nbytes(v.aval) for v in distinct if v in on_batch)
+  residual_bytes = sum(_nbytes(v.aval) for v in distinct)
   batch_bytes = _tree_bytes(batch_avals)
   return dict(model=model_name, image_size=image_size, batch_per_core=batch, dtype=dtype,
               method=method, remat=remat, num_params=sum(x.size for x in jax.tree.leaves(params)),
