@@ -21,10 +21,12 @@ both cores busy through the step's many small, serial ops (B0 vanilla on 2 cores
 one device with both cores). On Linux the command re-runs itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 (benchmarks/hugepages.py; --no_hugepages to opt out): ~25 % faster CPU steps. Both in RESULTS.md.
 
-Cost model: AdvProp with K PGD steps costs ~(K + 2) x a vanilla step (K attack forward+backward passes,
-plus the clean and the adversarial training forward+backward).
+Cost model (`cost_model`): AdvProp with K PGD steps costs ~(K + 2) x a vanilla step (K attack
+forward+backward passes, plus the clean and the adversarial training forward+backward); Fast AdvProp
+~1.5x per step, 1.2x per loader image, ~1.0x per budget-matched run.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -252,21 +254,46 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
 
 
 def cost_model(results) -> list:
-  """AdvProp PGD-K vs vanilla: measured step-time ratio over the predicted (K + 2)."""
+  """Each method's step time vs vanilla's, next to what the algorithm predicts.
+
+  AdvProp PGD-K: (K + 2) forward+backward passes per clean image. Fast AdvProp: its loader batch is
+  n_clean + n_adv images and it trains on n_clean clean + n_adv attacked + n_adv adversarial ones, all
+  with parameter gradients, so a step does (n_clean + 2 n_adv) / n_vanilla = 1.5x vanilla's passes at the
+  default fraction; the paper's "same budget" is per run: per loader image that is 1.2x, and the
+  budget-matched schedule trains 87 instead of 105 epochs (configs/resnet.py), so a run costs
+  step ratio x (vanilla batch / loader batch) x (87 / 105).
+  """
   vanilla = [r for r in results if r['method'] == 'vanilla']
   if not vanilla:
     return []
   base = vanilla[0]
   rows = []
   for r in results:
-    if r['method'] != 'advprop':
-      continue
-    k = r['attack_steps']
     measured = r['step_ms'] / base['step_ms']
-    rows.append(dict(attack_steps=k, predicted_ratio=k + 2, measured_ratio=measured,
-                     measured_over_predicted=measured / (k + 2),
-                     flops_ratio=r['flops_per_step'] / base['flops_per_step']))
+    row = dict(method=r['method'], attack_steps=r['attack_steps'], measured_ratio=measured,
+               flops_ratio=r['flops_per_step'] / base['flops_per_step'])
+    if r['method'] == 'advprop':
+      k = r['attack_steps']
+      row.update(predicted_ratio=k + 2, measured_over_predicted=measured / (k + 2))
+    elif r['method'] == 'fast_advprop':
+      epochs = fast_advprop_epoch_ratio()
+      n_adv = r['batch'] - base['batch']  # same --batch: vanilla's batch is Fast AdvProp's clean part
+      per_image = measured * base['batch'] / r['batch']
+      row.update(predicted_ratio=(base['batch'] + 2 * n_adv) / base['batch'],
+                 per_loader_image_ratio=per_image, epoch_ratio=epochs, per_run_ratio=per_image * epochs)
+    else:
+      continue
+    rows.append(row)
   return rows
+
+
+def fast_advprop_epoch_ratio() -> float:
+  """Budget-matched epochs of Fast AdvProp over vanilla's, from configs/resnet.py (87 / 105)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'resnet.py')
+  spec = importlib.util.spec_from_file_location('resnet_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('50,fast_advprop').num_epochs / module.get_config('50,vanilla').num_epochs
 
 
 def parse_args(argv=None):
@@ -356,9 +383,15 @@ def main(argv=None, log=print) -> list:
     return results
   comparison = cost_model(results)
   for row in comparison:
-    log(f'advprop PGD-{row["attack_steps"]}: {row["measured_ratio"]:.2f}x vanilla step time, cost model '
-        f'(K+2) = {row["predicted_ratio"]}x -> measured/predicted {row["measured_over_predicted"]:.2f}; '
-        f'XLA FLOPs ratio {row["flops_ratio"]:.2f}x')
+    if row['method'] == 'advprop':
+      log(f'advprop PGD-{row["attack_steps"]}: {row["measured_ratio"]:.2f}x vanilla step time, cost '
+          f'model (K+2) = {row["predicted_ratio"]}x -> measured/predicted '
+          f'{row["measured_over_predicted"]:.2f}; XLA FLOPs ratio {row["flops_ratio"]:.2f}x')
+    else:
+      log(f'fast_advprop: {row["measured_ratio"]:.2f}x vanilla step time (passes {row["predicted_ratio"]:.2f}x, '
+          f'XLA FLOPs {row["flops_ratio"]:.2f}x); per loader image {row["per_loader_image_ratio"]:.2f}x; '
+          f'per budget-matched run ({row["epoch_ratio"]:.3f} of the epochs) '
+          f'{row["per_run_ratio"]:.2f}x vanilla\'s run')
   out = results[0] if len(results) == 1 else dict(runs=results, cost_model=comparison)
   if len(results) > 1:  # headline keys of the first run, so every output has them at the top level
     out.update({k: results[0][k] for k in ('images_per_sec', 'step_ms', 'compile_s', 'peak_bytes',

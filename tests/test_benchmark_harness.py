@@ -75,6 +75,17 @@ def test_cost_model_ratio():
   assert rows[1]['flops_ratio'] == pytest.approx(6.0)
 
 
+def test_cost_model_fast_advprop_per_run():
+  # 16 clean + 4 attacked + 4 adversarial passes vs 16; the run is 87 of 105 epochs (configs/resnet.py).
+  runs = [dict(method='vanilla', attack_steps=0, batch=16, step_ms=10.0, flops_per_step=1.0),
+          dict(method='fast_advprop', attack_steps=1, batch=20, step_ms=15.0, flops_per_step=1.5)]
+  (row,) = throughput.cost_model(runs)
+  assert row['predicted_ratio'] == pytest.approx(1.5) and row['measured_ratio'] == pytest.approx(1.5)
+  assert row['per_loader_image_ratio'] == pytest.approx(1.2)
+  assert row['epoch_ratio'] == pytest.approx(87 / 105)
+  assert row['per_run_ratio'] == pytest.approx(1.2 * 87 / 105)
+
+
 def test_peak_flops_table_and_override():
   class Dev:  # pylint: disable=too-few-public-methods
     platform, device_kind = 'gpu', 'NVIDIA H100 80GB HBM3'
