@@ -9,7 +9,7 @@ The model, optimizer and step are built exactly as training builds them (trainer
 build_optimizer, train.create_train_state / make_train_step over the mesh of all local devices), from
 `advprop_jax.config.base_config()`; the batch is synthetic and already on the mesh, so only the step is
 timed. Compilation is timed separately (trace+lower, then compile). FLOPs come from XLA's cost analysis
-of the compiled step (per-device program); MFU = achieved FLOP/s / the device's peak FLOP/s (table below,
+of the compiled step (per-device program); MFU = achieved FLOP/s / the device's peak FLOP/s (benchmarks/peaks.py,
 or --peak_flops). `images_per_sec` counts images drawn from the loader (the clean batch), so methods that
 do more work per image (AdvProp) compare on the same data. The last line printed is JSON (a list when
 several runs are made: one object per run, plus the cost-model comparison).
@@ -26,80 +26,16 @@ forward+backward passes, plus the clean and the adversarial training forward+bac
 ~1.5x per step, 1.2x per loader image, ~1.0x per budget-matched run.
 """
 import argparse
-import importlib.util
 import json
-import math
 import os
-import resource
 import statistics
-import sys
 import time
 
 from benchmarks import hugepages
+from benchmarks import peaks
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# Peak dense FLOP/s per device, (device-kind substring, lowercase) -> {dtype: flops}. Published numbers:
-# H100/H200 SXM: 989 TFLOP/s bf16 dense tensor core, 67 TFLOP/s fp32 (non-tensor core; 'float32' here
-# means XLA's default precision, which on H100 may use TF32 tensor cores: MFU vs 67e12 can exceed 1 then).
-# TPUs: the bf16 MXU peak (fp32 matmuls are done as several bf16 passes), used for both dtypes.
-PEAK_FLOPS = {
-    'h100': {'bfloat16': 989e12, 'float32': 67e12},
-    'h200': {'bfloat16': 989e12, 'float32': 67e12},
-    'tpu v4': {'bfloat16': 275e12, 'float32': 275e12},
-    'tpu v5 lite': {'bfloat16': 197e12, 'float32': 197e12},  # v5e
-    'tpu v5e': {'bfloat16': 197e12, 'float32': 197e12},
-    'tpu v5p': {'bfloat16': 459e12, 'float32': 459e12},
-    'tpu v5': {'bfloat16': 459e12, 'float32': 459e12},  # v5p reports 'TPU v5'
-    'tpu v6 lite': {'bfloat16': 918e12, 'float32': 918e12},  # v6e (Trillium)
-    'tpu v6e': {'bfloat16': 918e12, 'float32': 918e12},
-}
-# This 2-core AMD EPYC VM (AVX2+FMA), as measured by measure_cpu_peak() (best of 1024^3 fp32 matmuls
-# using both cores, jaxlib 0.10.2): the per-*process* CPU peak, since XLA:CPU is one device for all cores.
-CPU_MEASURED_PEAK_FLOPS = {'float32': 87e9, 'bfloat16': 87e9}
-
-
-def measure_cpu_peak(n: int = 2048, reps: int = 5) -> float:
-  """Best fp32 FLOP/s of an n^3 matmul on the default device (all the host's threads), per device."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = math.inf
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best / jax.local_device_count()
-
-
-def device_peak_flops(device, dtype: str):
-  """(peak FLOP/s per device, source) for `device`, or (None, reason)."""
-  kind = device.device_kind.lower()
-  if device.platform == 'cpu':
-    # The table entry is the whole host's; XLA:CPU devices of one process share its cores.
-    n = jax.local_device_count()
-    return (CPU_MEASURED_PEAK_FLOPS[dtype] / n,
-            f'cpu-as-measured (2-core EPYC VM table entry{f", / {n} devices" if n > 1 else ""})')
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # most specific first
-    if key in kind:
-      return PEAK_FLOPS[key][dtype], f'published {key} {dtype}'
-  return None, f'unknown device kind {device.device_kind!r}: pass --peak_flops'
-
-
-def peak_memory(device):
-  """(bytes, source): the device allocator's peak, or the process max RSS where there is none (CPU)."""
-  stats = None
-  try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    pass
-  if stats and 'peak_bytes_in_use' in stats:
-    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  rss *= 1 if sys.platform == 'darwin' else 1024  # Linux reports KiB
-  return int(rss), 'process max RSS (no device memory_stats on this backend)'
-
 
 def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
@@ -227,9 +163,9 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
   device = jax.local_devices()[0]
   num_dev = len(mesh.devices.flat)
   peak, peak_src = (args.peak_flops, '--peak_flops') if args.peak_flops else \
-      device_peak_flops(device, args.dtype)
+      peaks.device_peak_flops(device, args.dtype)
   achieved = flops / step_s  # per device
-  mem, mem_src = peak_memory(device)
+  mem, mem_src = peaks.peak_memory(device)
   result = dict(
       model=args.model, method=method, attack_steps=attack_steps if method != 'vanilla' else 0,
       batch=n, image_size=size, dtype=args.dtype, remat=bool(config.model_overrides.get('remat', False)),
@@ -289,11 +225,9 @@ def cost_model(results) -> list:
 
 def fast_advprop_epoch_ratio() -> float:
   """Budget-matched epochs of Fast AdvProp over vanilla's, from configs/resnet.py (87 / 105)."""
+  from advprop_jax.ablation import load_config
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'resnet.py')
-  spec = importlib.util.spec_from_file_location('resnet_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('50,fast_advprop').num_epochs / module.get_config('50,vanilla').num_epochs
+  return load_config(path, '50,fast_advprop').num_epochs / load_config(path, '50,vanilla').num_epochs
 
 
 def parse_args(argv=None):
@@ -369,7 +303,7 @@ def main(argv=None, log=print) -> list:
   if args.bn_group_size is None:
     args.bn_group_size = -1 if jax.default_backend() == 'cpu' else 0
   if args.measure_peak:
-    args.peak_flops = measure_cpu_peak()
+    args.peak_flops = peaks.measure_cpu_peak()
     log(f'measured peak: {args.peak_flops / 1e9:.1f} GFLOP/s per device (fp32 2048^3 matmul, best of 5)')
   ks = [int(k) for k in str(args.attack_steps).split(',')]
   runs = []

@@ -10,6 +10,7 @@ import sys
 import jax
 import pytest
 
+from benchmarks import peaks
 from benchmarks import throughput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def test_cpu_host_split_into_devices_with_global_bn():
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out['devices'] == 2 and out['bn_group_size'] == 2, out
   # The host's peak is shared by its devices.
-  assert out['peak_flops_per_device'] == throughput.CPU_MEASURED_PEAK_FLOPS['float32'] / 2
+  assert out['peak_flops_per_device'] == peaks.CPU_MEASURED_PEAK_FLOPS['float32'] / 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc tunables are Linux-only')
@@ -89,13 +90,13 @@ def test_cost_model_fast_advprop_per_run():
 def test_peak_flops_table_and_override():
   class Dev:  # pylint: disable=too-few-public-methods
     platform, device_kind = 'gpu', 'NVIDIA H100 80GB HBM3'
-  assert throughput.device_peak_flops(Dev, 'bfloat16')[0] == 989e12
+  assert peaks.device_peak_flops(Dev, 'bfloat16')[0] == 989e12
   Dev.platform, Dev.device_kind = 'tpu', 'TPU v5 lite'
-  assert throughput.device_peak_flops(Dev, 'bfloat16')[0] == 197e12
+  assert peaks.device_peak_flops(Dev, 'bfloat16')[0] == 197e12
   Dev.device_kind = 'TPU v5p'
-  assert throughput.device_peak_flops(Dev, 'bfloat16')[0] == 459e12
+  assert peaks.device_peak_flops(Dev, 'bfloat16')[0] == 459e12
   Dev.device_kind = 'mystery'
-  assert throughput.device_peak_flops(Dev, 'bfloat16')[0] is None
+  assert peaks.device_peak_flops(Dev, 'bfloat16')[0] is None
   args = throughput.parse_args(['--peak_flops=1e9', '--remat'])
   assert args.peak_flops == 1e9 and args.remat
 
