@@ -9,10 +9,10 @@ The model, optimizer and step are built exactly as training builds them (trainer
 build_optimizer, train.create_train_state / make_train_step over the mesh of all local devices), from
 `advprop_jax.config.base_config()`; the batch is synthetic and already on the mesh, so only the step is
 timed. Compilation is timed separately (trace+lower, then compile). FLOPs come from XLA's cost analysis
-of the compiled step (per-device program); MFU = achieved FLOP/s / the device's peak FLOP/s (benchmarks/peaks.py,
-or --peak_flops). `images_per_sec` counts images drawn from the loader (the clean batch), so methods that
-do more work per image (AdvProp) compare on the same data. The last line printed is JSON (a list when
-several runs are made: one object per run, plus the cost-model comparison).
+of the compiled step (per-device program); MFU = achieved FLOP/s / the device's peak FLOP/s
+(benchmarks/peaks.py, or --peak_flops). `images_per_sec` counts images drawn from the loader (the clean
+batch), so methods that do more work per image (AdvProp) compare on the same data. The last line printed
+is JSON (a list when several runs are made: one object per run, plus the cost-model comparison).
 
 On a CPU-only host the step runs data-parallel over one XLA:CPU device per core (`--cpu_devices`, default:
 one per core when the batch divides) with global BatchNorm (`--bn_group_size=-1`, the CPU default), so
@@ -175,7 +175,8 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
       trace_lower_s=t1 - t0, compile_s=t2 - t1,
       peak_bytes=mem, peak_bytes_source=mem_src, compiled_temp_bytes=temp_bytes,
       xla_footprint_bytes=footprint,
-      flops_per_step=flops * num_dev, xla_cost_analysis_flops=xla_flops * num_dev, achieved_flops_per_sec=achieved * num_dev,
+      flops_per_step=flops * num_dev, xla_cost_analysis_flops=xla_flops * num_dev,
+      achieved_flops_per_sec=achieved * num_dev,
       peak_flops_per_device=peak, peak_flops_source=peak_src,
       mfu=achieved / peak if peak else float('nan'), loss=loss,
       load_average=os.getloadavg()[0], xla_flags=os.environ.get('XLA_FLAGS', ''),
@@ -322,8 +323,9 @@ def main(argv=None, log=print) -> list:
           f'model (K+2) = {row["predicted_ratio"]}x -> measured/predicted '
           f'{row["measured_over_predicted"]:.2f}; XLA FLOPs ratio {row["flops_ratio"]:.2f}x')
     else:
-      log(f'fast_advprop: {row["measured_ratio"]:.2f}x vanilla step time (passes {row["predicted_ratio"]:.2f}x, '
-          f'XLA FLOPs {row["flops_ratio"]:.2f}x); per loader image {row["per_loader_image_ratio"]:.2f}x; '
+      log(f'fast_advprop: {row["measured_ratio"]:.2f}x vanilla step time '
+          f'(passes {row["predicted_ratio"]:.2f}x, XLA FLOPs {row["flops_ratio"]:.2f}x); '
+          f'per loader image {row["per_loader_image_ratio"]:.2f}x; '
           f'per budget-matched run ({row["epoch_ratio"]:.3f} of the epochs) '
           f'{row["per_run_ratio"]:.2f}x vanilla\'s run')
   out = results[0] if len(results) == 1 else dict(runs=results, cost_model=comparison)
