@@ -6,8 +6,7 @@
 
 Each (method, seed) trains with trainer.train_and_evaluate in DIR/<method>/seed<k> (so an interrupted
 ablation resumes from the runs' checkpoints; finished runs are read back, not retrained), then the EMA
-weights are evaluated on the digits corruptions (evaluate.py / robustness.py, written to
-DIR/<method>/seed<k>/eval). Writes DIR/ablation.md (mean ± std over seeds), DIR/ablation.json and
+weights are evaluated on the digits corruptions (eval/, written to DIR/<method>/seed<k>/eval). Writes DIR/ablation.md (mean ± std over seeds), DIR/ablation.json and
 DIR/ablation.png. Compiled programs are cached in DIR/jax_cache (unless a JAX compilation cache is
 already configured), so every seed after a method's first skips compilation.
 
@@ -17,25 +16,33 @@ steps) and the same clean batch per step. Fast AdvProp's loader draws 1/(1 - adv
 batch per step (64 clean + 16 attacked images), so it sees 1.25x the images of the others; its
 num_epochs / warmup_epochs are rescaled so that its schedule covers the same N steps.
 
-Step time: each train step is timed to completion (block_until_ready); the reported time per step is
+Step time: each train step is timed to completion (a step hook of the training loop blocks on its
+outputs); the reported time per step is
 (end of the last step - end of the first step) / (steps - 1), i.e. the training loop's wall time without
 the first (compiling) step; periodic evaluation is switched off so only training is timed. A run resumed
 from a checkpoint is timed over the steps of its last session only.
 """
-import argparse
-import contextlib
-import importlib.util
 import json
 import logging
 import os
 import sys
 import time
 
+from absl import app
+from absl import flags
+import jax
+from matplotlib.figure import Figure  # no pyplot: files only, no GUI backend or global figure state
+import ml_collections
 import numpy as np
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from advprop_jax import config as config_lib
+from advprop_jax import factories
+from advprop_jax import methods
+from advprop_jax import trainer
+from advprop_jax.data import input_pipeline
+from advprop_jax.eval import workdir as eval_workdir
 
-ALL_METHODS = ('vanilla', 'adv_train', 'advprop', 'fine_grained_advprop', 'fast_advprop', 'afan')
+ALL_METHODS = tuple(methods.METHODS)
 EVAL_PGD_EPS = 4.0
 QUICK_STAGES = ((1, 3, 1, 1, 16), (1, 3, 2, 6, 24))
 COLUMNS = ('clean top-1 (%)', f'PGD-{EVAL_PGD_EPS:g}px top-1 (%)', 'corruptions mean top-1 (%)',
@@ -43,19 +50,9 @@ COLUMNS = ('clean top-1 (%)', f'PGD-{EVAL_PGD_EPS:g}px top-1 (%)', 'corruptions 
 KEYS = ('clean', 'pgd', 'corruptions', 'step_ms', 'rel_step')
 
 
-def load_config(path: str, method: str):
-  """configs/x.py -> get_config(method)."""
-  spec = importlib.util.spec_from_file_location('ablation_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(method)
-
-
 def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=False):
   """The config of one run, budget-matched to `steps` optimizer steps (default: epochs of vanilla)."""
-  import ml_collections
-  from advprop_jax import trainer
-  c = load_config(config_path, method)
+  c = config_lib.load_file(config_path, method)
   c.seed = int(seed)
   c.fine_grained_epsilons_pixels = (2.0, 4.0)
   c.afan.stage = 1
@@ -71,10 +68,11 @@ def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=F
     corruptions.update(severities=(3,), max_examples=120)
   c.evaluate = ml_collections.ConfigDict(dict(corruptions=corruptions))
   # Budget: N optimizer steps for every method, N from the vanilla loader (global_batch_size images).
-  clean_spe = max(1, trainer.steps_per_epoch(_with(c, method='vanilla')))
+  num_train = input_pipeline.num_examples(c.data, c.data.train_split)
+  clean_spe = factories.schedule(_with(c, method='vanilla'), num_train).steps_per_epoch
   if steps is None:
     steps = int(round((c.num_epochs if epochs is None else epochs) * clean_spe))
-  spe = trainer.steps_per_epoch(c)
+  spe = factories.schedule(c, num_train).steps_per_epoch
   c.warmup_epochs = c.warmup_epochs * clean_spe / spe
   c.num_epochs = (steps + 0.5) / spe  # int(num_epochs * spe) == steps for every method
   c.max_steps = int(steps)
@@ -88,37 +86,24 @@ def _with(config, **fields):
   return c
 
 
-@contextlib.contextmanager
-def _timed_train_steps(record):
-  """Wraps train.make_train_step so each step is timed to completion."""
-  import jax
-  from advprop_jax import train
-  original = train.make_train_step
+class StepTimer:
+  """A training-loop step hook: blocks on each step's outputs and records when it ended."""
 
-  def make(*args, **kwargs):
-    step_fn = original(*args, **kwargs)
+  def __init__(self):
+    self.calls, self.first_end, self.last_end = 0, None, None
 
-    def timed(state, batch, rng):
-      out = jax.block_until_ready(step_fn(state, batch, rng))
-      now = time.perf_counter()
-      record['calls'] += 1
-      if record['calls'] == 1:
-        record['first_end'] = now
-      record['last_end'] = now
-      return out
-    return timed
-
-  train.make_train_step = make
-  try:
-    yield record
-  finally:
-    train.make_train_step = original
+  def __call__(self, step, state, metrics):
+    del step
+    jax.block_until_ready((state, metrics))
+    now = time.perf_counter()
+    self.calls += 1
+    if self.calls == 1:
+      self.first_end = now
+    self.last_end = now
 
 
 def run_one(config, run_dir) -> dict:
   """Trains (or resumes / reads back) one run; returns its metrics."""
-  from advprop_jax import evaluate
-  from advprop_jax import trainer
   summary_path = os.path.join(run_dir, 'ablation_run.json')
   if os.path.exists(summary_path):
     with open(summary_path) as f:
@@ -129,23 +114,21 @@ def run_one(config, run_dir) -> dict:
     with open(final_path) as f:
       final = json.load(f)
   else:
-    record = dict(calls=0, first_end=None, last_end=None)
+    timer = StepTimer()
     start = time.perf_counter()
-    with _timed_train_steps(record):
-      final = trainer.train_and_evaluate(config, run_dir)
+    final = trainer.train_and_evaluate(config, run_dir, step_hooks=[timer])
     if 'preempted_at_step' in final:
       raise SystemExit(f'{run_dir}: preempted at step {final["preempted_at_step"]}; rerun to resume')
-    timed = record['calls'] - 1
+    timed = timer.calls - 1
     timing = dict(timed_steps=max(timed, 0), total_seconds=time.perf_counter() - start,
-                  step_seconds=(record['last_end'] - record['first_end']) / timed
-                  if timed > 0 else float('nan'))
+                  step_seconds=(timer.last_end - timer.first_end) / timed if timed > 0 else float('nan'))
     with open(timing_path, 'w') as f:
       json.dump(timing, f, indent=2)
   timing = {'step_seconds': float('nan')}
   if os.path.exists(timing_path):
     with open(timing_path) as f:
       timing = json.load(f)
-  _, results = evaluate.evaluate_workdir(run_dir, config, names=['clean', 'corruptions'],
+  _, results = eval_workdir.evaluate_workdir(run_dir, config, names=['clean', 'corruptions'],
                                          output=os.path.join(run_dir, 'eval'), ema=True)
   out = dict(clean=100 * final['ema_clean_top1'], pgd=100 * final[f'ema_pgd{EVAL_PGD_EPS:g}_top1'],
              corruptions=100 * (1.0 - results['corruptions']['mean_corruption_error']),
@@ -167,12 +150,12 @@ def aggregate(runs: dict) -> dict:
   """runs[method][seed] -> {method: {key: (mean, std)}}; step time relative to vanilla's mean."""
   vanilla = _mean_std([r['step_ms'] for r in runs.get('vanilla', {}).values()])[0]
   table = {}
-  for method, by_seed in runs.items():
+  for name, by_seed in runs.items():
     rows = list(by_seed.values())
     for r in rows:
       r['rel_step'] = r['step_ms'] / vanilla if np.isfinite(vanilla) else float('nan')
-    table[method] = {k: _mean_std([r[k] for r in rows]) for k in KEYS}
-    table[method]['seeds'] = len(rows)
+    table[name] = {k: _mean_std([r[k] for r in rows]) for k in KEYS}
+    table[name]['seeds'] = len(rows)
   return table
 
 
@@ -182,25 +165,23 @@ def _fmt(mean, std, digits):
 
 def markdown_table(table) -> str:
   lines = ['| method | seeds | ' + ' | '.join(COLUMNS) + ' |', '|---|---|' + '---|' * len(COLUMNS)]
-  for method, row in table.items():
+  for name, row in table.items():
     cells = [_fmt(*row[k], 2 if k == 'rel_step' else 1) for k in KEYS]
-    lines.append(f'| {method} | {row["seeds"]} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {name} | {row["seeds"]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
 def write_plot(table, path):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  methods = list(table)
-  fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+  names = list(table)
+  fig = Figure(figsize=(16, 4))
+  axes = fig.subplots(1, 4)
   for ax, key, title in zip(axes, ('clean', 'pgd', 'corruptions', 'rel_step'), COLUMNS[:3] +
                             COLUMNS[4:]):
-    means = [table[m][key][0] for m in methods]
-    stds = [table[m][key][1] for m in methods]
-    ax.bar(range(len(methods)), means, yerr=stds, capsize=3, color='C0')
-    ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods, rotation=45, ha='right', fontsize=8)
+    means = [table[m][key][0] for m in names]
+    stds = [table[m][key][1] for m in names]
+    ax.bar(range(len(names)), means, yerr=stds, capsize=3, color='C0')
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha='right', fontsize=8)
     ax.set_title(title, fontsize=9)
     finite = [m for m in means if np.isfinite(m)]
     if key != 'rel_step' and finite:
@@ -208,21 +189,19 @@ def write_plot(table, path):
     ax.grid(axis='y', alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
-def run_ablation(workdir, methods=ALL_METHODS, seeds=(0,), *, epochs=None, steps=None,
+def run_ablation(workdir, method_names=ALL_METHODS, seeds=(0,), *, epochs=None, steps=None,
                  config_path='configs/demo.py', quick=False, command=None) -> dict:
-  from advprop_jax import trainer
   start = time.time()
   runs, settings = {}, {}
-  for method in methods:
+  for name in method_names:
     for seed in seeds:
-      config = method_config(config_path, method, seed, epochs=epochs, steps=steps, quick=quick)
-      settings[method] = dict(steps=config.max_steps, loader_batch=trainer.loader_batch_size(config))
-      run_dir = os.path.join(workdir, method, f'seed{seed}')
-      logging.info('ablation: %s seed %d (%d steps) in %s', method, seed, config.max_steps, run_dir)
-      runs.setdefault(method, {})[seed] = run_one(config, run_dir)
+      config = method_config(config_path, name, seed, epochs=epochs, steps=steps, quick=quick)
+      settings[name] = dict(steps=config.max_steps, loader_batch=factories.loader_batch_size(config))
+      run_dir = os.path.join(workdir, name, f'seed{seed}')
+      logging.info('ablation: %s seed %d (%d steps) in %s', name, seed, config.max_steps, run_dir)
+      runs.setdefault(name, {})[seed] = run_one(config, run_dir)
   table = aggregate(runs)
   first = next(iter(settings.values()))
   md = [f'# Equal-budget ablation ({"quick, " if quick else ""}{config_path})', '',
@@ -247,46 +226,61 @@ def run_ablation(workdir, methods=ALL_METHODS, seeds=(0,), *, epochs=None, steps
   return table
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--methods', default=','.join(ALL_METHODS))
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--epochs', type=float, default=None,
-                      help='epochs of the vanilla loader (default: the config\'s num_epochs)')
-  parser.add_argument('--steps', type=int, default=None, help='optimizer steps (overrides --epochs)')
-  parser.add_argument('--config', default='configs/demo.py')
-  parser.add_argument('--quick', action='store_true', help='tiny model, 16 px, few steps (tests)')
-  args = parser.parse_args(argv)
-  methods = [m for m in args.methods.split(',') if m]
-  unknown = set(methods) - set(ALL_METHODS)
-  if unknown:
-    parser.error(f'unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags, defined when it runs (so that every CLI module can be imported side by side)."""
+  flags.DEFINE_string('workdir', None, 'Directory of the ablation (one sub-directory per run).',
+                      required=True)
+  flags.DEFINE_list('methods', list(ALL_METHODS), f'Methods to compare, from {list(ALL_METHODS)}.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Integer seeds; one run per method and seed.')
+  flags.DEFINE_float('epochs', None, 'Epochs of the vanilla loader (default: the config\'s num_epochs).')
+  flags.DEFINE_integer('steps', None, 'Optimizer steps per run (overrides --epochs).')
+  flags.DEFINE_string('config', 'configs/demo.py', 'Config file whose get_config(method) is used.')
+  flags.DEFINE_bool('quick', False, 'Tiny model, 16 px, few steps (tests).')
+
+
+def _usage_error(message):
+  print(f'advprop_jax.ablation: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _usage_error(f'unexpected arguments {argv[1:]}')
+  unknown = [m for m in FLAGS.methods if m not in ALL_METHODS]
+  if unknown or not FLAGS.methods:
+    _usage_error(f'--methods={",".join(FLAGS.methods)}: unknown {unknown}; choose from {list(ALL_METHODS)}')
   try:
-    seeds = [int(s) for s in args.seeds.split(',') if s]
+    seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
-    parser.error(f'--seeds={args.seeds!r}: a comma-separated list of integers, e.g. 0,1,2')
+    seeds = []
   if not seeds:
-    parser.error('--seeds is empty: give at least one integer seed, e.g. 0,1,2')
-  steps = args.steps if args.steps is not None else (4 if args.quick and args.epochs is None
-                                                     else None)
-  logging.basicConfig(level=logging.INFO)
-  import jax
-  if not jax.config.jax_compilation_cache_dir:  # keep a cache the caller configured (tests do)
+    _usage_error(f'--seeds={",".join(FLAGS.seeds)!r}: a comma-separated list of integers, e.g. 0,1,2')
+  if not os.path.isfile(FLAGS.config):
+    _usage_error(f'--config={FLAGS.config}: no such file')
+  steps = FLAGS.steps if FLAGS.steps is not None else (4 if FLAGS.quick and FLAGS.epochs is None
+                                                       else None)
+  logging.getLogger().setLevel(logging.INFO)
+  if not jax.config.jax_compilation_cache_dir:  # keep a cache the caller configured
     # Seeds of one method compile identical programs: the persistent cache makes every seed after
     # the first skip compilation (~30 s per run on 2 cores).
-    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(args.workdir),
+    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(FLAGS.workdir),
                                                                 'jax_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
-  command = 'python -m advprop_jax.ablation ' + ' '.join(sys.argv[1:] if argv is None else argv)
-  table = run_ablation(args.workdir, methods, seeds,
-                       epochs=args.epochs, steps=steps, config_path=args.config, quick=args.quick,
-                       command=command)
+  input_pipeline.keep_tf_off_accelerators()
+  command = 'python -m advprop_jax.ablation ' + ' '.join(sys.argv[1:])
+  table = run_ablation(FLAGS.workdir, FLAGS.methods, seeds, epochs=FLAGS.epochs, steps=steps,
+                       config_path=FLAGS.config, quick=FLAGS.quick, command=command)
   print(markdown_table(table))
-  return table
+
+
+def run():
+  """Console-script entry point."""
+  define_flags()
+  app.run(main)
 
 
 if __name__ == '__main__':
-  main()
+  run()

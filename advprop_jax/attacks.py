@@ -1,38 +1,13 @@
 """Adversarial attacks built on `jax.grad`: L-infinity PGD in any space (pixels or features).
 
-Sizes passed to `pgd` are in input units. Configs give them in pixels (0..255); `pixels_to_input_units`
-is the one place where pixels become input units.
+Sizes passed to `pgd` are in input units. Configs give them in pixels (0..255);
+`data.normalization.pixels_to_input_units` is the one place where pixels become input units.
 """
 from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-
-# Per-channel mean/std (in pixels) of the 'imagenet' input normalisation.
-IMAGENET_MEAN_PIXELS = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD_PIXELS = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-NORMALIZATIONS = ('minus_one_one', 'imagenet')
-
-
-def pixels_to_input_units(pixels, normalization: str = 'minus_one_one'):
-  """A perturbation of `pixels` (0..255 scale) in model-input units (per channel for 'imagenet')."""
-  if normalization == 'minus_one_one':  # x = p * 2/255 - 1
-    return pixels * 2.0 / 255.0
-  if normalization == 'imagenet':  # x = (p - mean) / std
-    return pixels / np.asarray(IMAGENET_STD_PIXELS, np.float32)
-  raise ValueError(f'normalization={normalization!r}; allowed: {NORMALIZATIONS}')
-
-
-def input_range(normalization: str = 'minus_one_one'):
-  """(min, max) of valid model inputs: the images of pixel values 0 and 255."""
-  if normalization == 'minus_one_one':
-    return -1.0, 1.0
-  if normalization == 'imagenet':
-    mean, std = np.asarray(IMAGENET_MEAN_PIXELS, np.float32), np.asarray(IMAGENET_STD_PIXELS, np.float32)
-    return -mean / std, (255.0 - mean) / std
-  raise ValueError(f'normalization={normalization!r}; allowed: {NORMALIZATIONS}')
 
 
 def default_num_steps(epsilon_pixels: float) -> int:

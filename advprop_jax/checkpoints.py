@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import threading
-from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -188,8 +187,18 @@ class Checkpointer:
     self.close()
 
 
+def _without_unset_overrides(fingerprint: dict) -> dict:
+  """Unset (None) model overrides mean the model's default: runs that wrote them (older versions wrote
+  the config's unset placeholders) and runs that leave them out describe the same model."""
+  fingerprint = dict(fingerprint or {})
+  if isinstance(fingerprint.get('model_overrides'), dict):
+    fingerprint['model_overrides'] = {k: v for k, v in fingerprint['model_overrides'].items()
+                                      if v is not None}
+  return fingerprint
+
+
 def _check_fingerprint(saved: dict, current: dict, where: str):
-  saved = dict(saved or {})
+  saved, current = _without_unset_overrides(saved), _without_unset_overrides(current)
   keys = sorted(k for k in set(saved) | set(current) if saved.get(k, '<absent>') != current.get(k, '<absent>'))
   if keys:
     diffs = '; '.join(f'{k}: saved {saved.get(k, "<absent>")!r} vs current {current.get(k, "<absent>")!r}'

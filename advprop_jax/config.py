@@ -1,32 +1,74 @@
-"""The training config schema (defaults every config file starts from) and its validation.
+"""The training config schema (the defaults every config file starts from) and its validation.
 
-Validation runs before anything is compiled or written: a bad value raises `ConfigError` naming the
-field and the allowed values, and main.py turns it into exit code 2.
+TF-free, like the step: config files, `plan` and the benchmarks import it without TensorFlow.
+`validate` runs before anything is compiled or written: a bad value raises `validation.ConfigError`
+naming the field and the allowed values, which the CLIs turn into one line and exit code 2.
 """
+import importlib.util
+
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from advprop_jax import attacks
-from advprop_jax import layers
-from advprop_jax import objectives
+from advprop_jax import methods
+from advprop_jax import models
 from advprop_jax import optim
-from advprop_jax.data import input_pipeline
-from advprop_jax.models import model_names
+from advprop_jax import validation
+from advprop_jax.data import normalization
+from advprop_jax.methods.passes import ATTACK_BN_MODES
+from advprop_jax.models.conv import DEPTHWISE_IMPLEMENTATIONS
+from advprop_jax.validation import ConfigError, require_choice, require_number  # noqa: F401
+
+AUGMENTS = ('autoaugment', 'randaugment', 'none')
+TRAIN_CROPS = ('inception', 'resize')
+PRNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
 
 
-class ConfigError(ValueError):
-  pass
+def model_overrides() -> ml_collections.ConfigDict:
+  """Every create_model field a user may set, unset (None = the model's default), so that any of them
+  can be set from the command line on any config. Fields of another model family stay None."""
+  return ml_collections.ConfigDict(dict(
+      width=placeholder(float), depth=placeholder(float), dropout_rate=placeholder(float),
+      drop_connect_rate=placeholder(float), stages=placeholder(tuple), stem_features=placeholder(int),
+      head_features=placeholder(int), depthwise_impl=placeholder(str), remat=placeholder(bool),
+      bn_momentum=placeholder(float), bn_epsilon=placeholder(float),
+      stage_sizes=placeholder(tuple), base_width=placeholder(int),  # ResNet
+      zero_init_residual=placeholder(bool)))
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """ImageNet / EfficientNet-B0 input defaults (data/input_pipeline.py reads them); configs override."""
+  c = ml_collections.ConfigDict()
+  c.dataset = 'imagenet2012'  # or any TFDS image-classification name, or 'sklearn_digits'
+  c.data_dir = placeholder(str)  # None: the TFDS default
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.image_size = 224
+  # Eval crop side = crop_fraction * min(h, w). None = the reference rule S/(S+32) (0.875 at 224),
+  # which stays right when only image_size is changed.
+  c.crop_fraction = placeholder(float)
+  c.train_crop = 'inception'  # 'inception' | 'resize'
+  c.random_flip = True
+  c.augment = 'autoaugment'  # 'autoaugment' | 'randaugment' | 'none'
+  c.randaugment_layers = 2
+  c.randaugment_magnitude = 10
+  c.normalization = 'minus_one_one'  # 'minus_one_one' (x*2/255-1, AdvProp) | 'imagenet'
+  c.cache = False  # cache decoded, unaugmented images (small datasets only)
+  c.shuffle_buffer = 16384  # clamped to the process' shard size
+  c.skip_decode_errors = False
+  c.resize_method = 'bicubic'
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
   """EfficientNet-B0 with AdvProp and the TF 350-epoch recipe (RECIPE §2); config files override."""
   c = ml_collections.ConfigDict()
   c.model = 'efficientnet-b0'
-  c.model_overrides = ml_collections.ConfigDict()  # any create_model field: width, depth, remat, ...
+  c.model_overrides = model_overrides()
   c.num_classes = 1000
   c.dtype = 'float32'  # activations; 'bfloat16' on TPU. Weights and BN statistics stay float32.
-  c.data = input_pipeline.default_data_config()
+  c.data = data_config()
 
-  c.method = 'advprop'
+  c.method = 'advprop'  # a name of advprop_jax.methods.METHODS
   c.clean_weight = 1.0
   c.adv_weight = 1.0
   c.attack = ml_collections.ConfigDict(dict(
@@ -71,83 +113,77 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.prng_impl = 'threefry2x32'  # 'rbg' compiles faster on CPU
   c.profile_steps = ()  # (start, stop): capture a profiler trace into workdir
-  c.max_steps = ml_collections.config_dict.placeholder(int)  # stop early (debugging, demos)
+  c.max_steps = placeholder(int)  # stop early (debugging, demos)
   return c
 
 
-def _choice(config, field, allowed):
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  if value not in allowed:
-    raise ConfigError(f'config.{field}={value!r} is not allowed; choose one of {tuple(allowed)}')
+def load_file(path: str, arg=None) -> ml_collections.ConfigDict:
+  """get_config(arg) of a config file (what --config=path:arg selects), outside the command line."""
+  spec = importlib.util.spec_from_file_location('advprop_jax_config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
-def _positive(config, field, value, allow_zero=False):
-  if not (value >= 0 if allow_zero else value > 0):
-    raise ConfigError(f'config.{field}={value!r} must be {">= 0" if allow_zero else "> 0"}')
+def set_overrides(config) -> dict:
+  """The model overrides a config sets (its unset placeholders dropped), as a plain dict."""
+  return {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
 
 
 def validate(config, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError naming the first bad field; called before any compilation or disk write."""
-  _choice(config, 'model', model_names())
-  _choice(config, 'method', objectives.METHODS)
-  _choice(config, 'dtype', ('float32', 'bfloat16'))
-  _choice(config, 'optimizer', optim.OPTIMIZERS)
-  _choice(config, 'lr_schedule', optim.SCHEDULES)
-  _choice(config, 'attack.bn_mode', objectives.ATTACK_BN_MODES)
-  _choice(config, 'data.normalization', attacks.NORMALIZATIONS)
-  _choice(config, 'data.augment', ('autoaugment', 'randaugment', 'none'))
-  _choice(config, 'data.train_crop', ('inception', 'resize'))
-  _choice(config, 'prng_impl', ('threefry2x32', 'rbg', 'unsafe_rbg'))
-  _choice(config, 'model_overrides.depthwise_impl', layers.DEPTHWISE_IMPLEMENTATIONS) \
-      if 'depthwise_impl' in config.model_overrides else None
-  for field in ('num_classes', 'global_batch_size', 'num_epochs', 'base_learning_rate',
-                'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                'data.image_size', 'attack.step_size_pixels', 'eval_every_epochs'):
-    value = config
-    for part in field.split('.'):
-      value = value[part]
-    _positive(config, field, value)
+  require_choice(config, 'model', models.model_names())
+  require_choice(config, 'method', tuple(methods.METHODS))
+  require_choice(config, 'dtype', ('float32', 'bfloat16'))
+  require_choice(config, 'optimizer', optim.OPTIMIZERS)
+  require_choice(config, 'lr_schedule', optim.SCHEDULES)
+  require_choice(config, 'attack.bn_mode', ATTACK_BN_MODES)
+  require_choice(config, 'data.normalization', normalization.NORMALIZATIONS)
+  require_choice(config, 'data.augment', AUGMENTS)
+  require_choice(config, 'data.train_crop', TRAIN_CROPS)
+  require_choice(config, 'prng_impl', PRNG_IMPLS)
+  _validate_model(config)
+  for field in ('num_classes', 'global_batch_size', 'eval_batch_size', 'log_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints', 'data.image_size'):
+    require_number(config, field, low=1, integer=True)
+  for field in ('num_epochs', 'base_learning_rate', 'eval_every_epochs'):
+    require_number(config, field, low=0, low_open=True)
   for field in ('warmup_epochs', 'label_smoothing', 'l2_weight', 'weight_decay', 'clean_weight',
                 'adv_weight'):
-    _positive(config, field, config[field], allow_zero=True)
-  if config.method in ('adv_train', 'advprop'):
-    _positive(config, 'attack.epsilon_pixels', config.attack.epsilon_pixels)
-  if config.method == 'fine_grained_advprop':
-    if not config.fine_grained_epsilons_pixels:
-      raise ConfigError('config.fine_grained_epsilons_pixels must list at least one epsilon')
-    for eps in config.fine_grained_epsilons_pixels:
-      _positive(config, 'fine_grained_epsilons_pixels', eps)
-  if config.attack.num_steps < 0:
-    raise ConfigError(f'config.attack.num_steps={config.attack.num_steps} must be >= 1 '
-                      '(or 0 for the paper rule eps + 1)')
-  if not 0.0 <= config.attack.random_start <= 1.0:
-    raise ConfigError(f'config.attack.random_start={config.attack.random_start} must be a '
-                      'probability in [0, 1]')
-  if not 0.0 < config.fast_advprop.adv_fraction < 1.0:
-    raise ConfigError(f'config.fast_advprop.adv_fraction={config.fast_advprop.adv_fraction} must be '
-                      'in (0, 1)')
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise ConfigError(f'config.ema_decay={config.ema_decay} must be in [0, 1)')
-  for field, batch in (('global_batch_size', config.global_batch_size),
-                       ('eval_batch_size', config.eval_batch_size)):
-    if batch % num_devices:
-      raise ConfigError(f'config.{field}={batch} is not divisible by the device count {num_devices}')
-    if batch % process_count:
-      raise ConfigError(f'config.{field}={batch} is not divisible by the process count '
-                        f'{process_count}')
-  if config.method == 'fast_advprop':  # the loader draws 1/(1 - adv_fraction) x the batch
-    loader = int(round(config.global_batch_size / (1.0 - config.fast_advprop.adv_fraction)))
-    if loader % num_devices:
-      raise ConfigError(f'config.global_batch_size={config.global_batch_size} with '
-                        f'config.fast_advprop.adv_fraction={config.fast_advprop.adv_fraction} gives a '
-                        f'loader batch of {loader}, not divisible by the device count {num_devices}')
+    require_number(config, field, low=0)
+  require_number(config, 'attack.epsilon_pixels', low=0, high=255)
+  require_number(config, 'attack.step_size_pixels', low=0, high=255, low_open=True)
+  require_number(config, 'eval_pgd_step_size_pixels', low=0, high=255, low_open=True)
+  require_number(config, 'attack.num_steps', low=0, integer=True)  # 0: the paper rule eps + 1
+  require_number(config, 'attack.random_start', low=0, high=1)
+  require_number(config, 'ema_decay', low=0, high=1, high_open=True)
+  for eps in config.eval_pgd_epsilons_pixels:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 255:
+      raise ConfigError(f'config.eval_pgd_epsilons_pixels={tuple(config.eval_pgd_epsilons_pixels)}: '
+                        'each must be a number in (0, 255] (pixels)')
+  if config.max_steps is not None:
+    require_number(config, 'max_steps', low=1, integer=True)
+  for field in ('global_batch_size', 'eval_batch_size'):
+    batch = validation.get(config, field)
+    for count, what in ((num_devices, 'device'), (process_count, 'process')):
+      if batch % count:
+        raise ConfigError(f'config.{field}={batch} is not divisible by the {what} count {count}')
   k = config.bn_group_size
-  if not (k in (0, -1) or (k > 0 and num_devices % k == 0)):
+  if not (k in (0, -1) or (isinstance(k, int) and k > 0 and num_devices % k == 0)):
     raise ConfigError(f'config.bn_group_size={k} must divide the device count {num_devices} '
                       '(or be 0 for TF\'s rule, -1 for global BN)')
   if config.profile_steps and (len(config.profile_steps) != 2 or
                                not 0 <= config.profile_steps[0] < config.profile_steps[1]):
     raise ConfigError(f'config.profile_steps={config.profile_steps} must be (start, stop) with '
                       '0 <= start < stop')
+  methods.get(config.method).validate(config, num_devices)
+
+
+def _validate_model(config) -> None:
+  overrides = set_overrides(config)
+  if 'depthwise_impl' in overrides:
+    require_choice(config, 'model_overrides.depthwise_impl', DEPTHWISE_IMPLEMENTATIONS)
+  try:
+    models.check_overrides(config.model, overrides)
+  except ValueError as e:
+    raise ConfigError(f'config.model_overrides: {e}') from e

@@ -45,7 +45,7 @@ def read_config(directory: str) -> Dict[str, Any]:
 
 def run_config(workdir: str) -> Dict[str, Any]:
   """The export view (CONFIG_KEYS + input_range) of a training workdir's full config.json."""
-  from advprop_jax import attacks  # pylint: disable=g-import-not-at-top
+  from advprop_jax.data import normalization  # pylint: disable=g-import-not-at-top
   from advprop_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
@@ -53,7 +53,7 @@ def run_config(workdir: str) -> Dict[str, Any]:
   with open(path) as f:
     full = json.load(f)
   data = full['data']
-  low, high = attacks.input_range(data['normalization'])
+  low, high = normalization.input_range(data['normalization'])
   if np.ndim(low):
     raise ValueError('export supports scalar input ranges only (data.normalization=minus_one_one)')
   return dict(model=full['model'], model_overrides=dict(full.get('model_overrides') or {}),

@@ -10,17 +10,25 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from advprop_jax import checkpoints
+from advprop_jax import config as config_lib
+from advprop_jax import trainer
+from advprop_jax.data import input_pipeline
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py[:arg]).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints and metrics.')
-flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
-                  'Call jax.distributed.initialize(): auto = on multi-host TPU VMs.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags():
+  """The CLI's flags, defined when it runs (so that every CLI module can be imported side by side)."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py[:arg]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints and metrics.')
+  flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
+                    'Call jax.distributed.initialize(): auto = on multi-host TPU VMs.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class _QuietLibraries(logging.Filter):
@@ -40,14 +48,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
     handler.addFilter(_QuietLibraries())
-  import jax
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep TF off the accelerators
+  input_pipeline.keep_tf_off_accelerators()
   if FLAGS.distributed == 'yes' or (FLAGS.distributed == 'auto' and _multihost_tpu()):
     jax.distributed.initialize()
-  from advprop_jax import checkpoints
-  from advprop_jax import config as config_lib
-  from advprop_jax import trainer
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
@@ -66,5 +69,11 @@ def main(argv):
     print(trainer.format_final_table(FLAGS.config, final))
 
 
-if __name__ == '__main__':
+def run():
+  """Console-script entry point."""
+  define_flags()
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -4,8 +4,6 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from clu import metric_writers
 from clu import periodic_actions
@@ -13,93 +11,20 @@ from etils import epath
 
 from advprop_jax import checkpoints
 from advprop_jax import config as config_lib
-from advprop_jax import objectives
-from advprop_jax import optim
+from advprop_jax import factories
 from advprop_jax import parallel
-from advprop_jax import train
+from advprop_jax import step as step_lib
 from advprop_jax.data import input_pipeline
-from advprop_jax.models import create_model
+from advprop_jax.eval import evaluators
 
 
 class NonFiniteLossError(RuntimeError):
   pass
 
 
-# Config fields a checkpoint must agree on to be resumed (anything else may change on resume).
-FINGERPRINT_FIELDS = ('model', 'model_overrides', 'method', 'num_classes', 'data.image_size',
-                      'optimizer', 'fine_grained_epsilons_pixels')
-
-
-def _get(config, dotted):
-  for part in dotted.split('.'):
-    config = config[part]
-  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-
-
-def fingerprint(config) -> dict:
-  return {f: json.loads(json.dumps(_get(config, f), default=list)) for f in FINGERPRINT_FIELDS}
-
-
-def build_model(config, **extra):
-  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
-  # None-valued overrides are unset placeholders (declared so the command line may set them).
-  overrides = {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
-  overrides.update(extra)
-  overrides.setdefault('distributions', objectives.method_distributions(config))
-  return create_model(config.model, num_classes=config.num_classes, dtype=dtype, **overrides)
-
-
-def loader_batch_size(config) -> int:
-  """Images drawn from the loader per step (Fast AdvProp draws 1/(1-adv_fraction) x the batch)."""
-  if config.method == 'fast_advprop':
-    return int(round(config.global_batch_size / (1.0 - config.fast_advprop.adv_fraction)))
-  return config.global_batch_size
-
-
-def steps_per_epoch(config) -> int:
-  return max(1, input_pipeline.num_examples(config.data, config.data.train_split)
-             // loader_batch_size(config))
-
-
-def build_optimizer(config, steps_per_epoch_: int):
-  base_lr = config.base_learning_rate * config.global_batch_size / 256
-  lr_fn = optim.learning_rate_schedule(
-      base_lr=base_lr, steps_per_epoch=steps_per_epoch_, num_epochs=config.num_epochs,
-      warmup_epochs=config.warmup_epochs, schedule=config.lr_schedule,
-      decay_epochs=config.lr_decay_epochs, decay_rate=config.lr_decay_rate,
-      boundaries_epochs=tuple(config.lr_boundaries_epochs))
-  tx = optim.create_optimizer(config.optimizer, lr_fn, momentum=config.momentum,
-                              rmsprop_decay=config.rmsprop_decay,
-                              rmsprop_epsilon=config.rmsprop_epsilon, nesterov=config.nesterov,
-                              weight_decay=config.weight_decay)
-  return tx, lr_fn
-
-
-def evaluate(config, eval_step, params, model_state, mesh) -> dict:
-  """Exact evaluation over the whole eval split (padded, masked batches)."""
-  per_process = config.eval_batch_size // jax.process_count()
-  dataset = input_pipeline.eval_dataset(config.data, per_process_batch_size=per_process)
-  totals = None
-  for batch in input_pipeline.global_batches(dataset, parallel.batch_sharding(mesh)):
-    sums = eval_step(params, model_state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.tree.map(float, totals)
-  count = max(totals['count'], 1.0)
-  return dict(top1=totals['top1'] / count, top5=totals['top5'] / count, loss=totals['loss'] / count,
-              count=int(totals['count']))
-
-
-def make_evaluators(config, model, mesh):
-  """name -> eval_step: clean, plus white-box PGD (main BN) at each config.eval_pgd_epsilons_pixels."""
-  evaluators = {'clean': train.make_eval_step(model, mesh, num_classes=config.num_classes)}
-  for eps in config.eval_pgd_epsilons_pixels:
-    attack = ml_collections.ConfigDict(dict(
-        epsilon_pixels=eps, step_size_pixels=config.eval_pgd_step_size_pixels, num_steps=0,
-        random_start=0.0, targeted=False))
-    settings = objectives.attack_settings(attack, config.data.normalization)
-    evaluators[f'pgd{eps:g}'] = train.make_eval_step(model, mesh, num_classes=config.num_classes,
-                                                     attack_settings=settings)
-  return evaluators
+def variables(params, model_state) -> dict:
+  """Flax variables of one set of weights: {'params', 'batch_stats', 'batch_stats_adv', ...}."""
+  return {'params': params, **model_state}
 
 
 def _check_finite(history):
@@ -111,33 +36,37 @@ def _check_finite(history):
           'step) is kept: lower the learning rate or fix the data and rerun to resume from it.')
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics."""
+def train_and_evaluate(config, workdir: str, *, step_hooks=()) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
+
+  step_hooks: callables `hook(step, state, metrics)` run after every step (e.g. timing: the ablation
+  blocks on the outputs and records the time).
+  """
   jax.config.update('jax_default_prng_impl', config.prng_impl)
   config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = parallel.create_mesh(config.bn_group_size)
   try:  # also checks that the dataset exists, before the workdir is touched
-    spe = steps_per_epoch(config)
+    num_train = input_pipeline.num_examples(config.data, config.data.train_split)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f'config.data (dataset={config.data.dataset!r}, '
                                  f'data_dir={config.data.data_dir!r}): {e}') from e
-  total_steps = int(config.num_epochs * spe)
-  if config.max_steps is not None:
-    total_steps = min(total_steps, config.max_steps)
-  model = build_model(config)
-  tx, lr_fn = build_optimizer(config, spe)
+  schedule = factories.schedule(config, num_train)
+  total_steps = schedule.total_steps
+  loader_batch = factories.loader_batch_size(config)
+  model = factories.build_model(config)
+  tx, lr_fn = factories.build_optimizer(config, schedule.steps_per_epoch)
   logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%d per epoch)',
                jax.process_count(), jax.device_count(), dict(mesh.shape), total_steps,
-               loader_batch_size(config), spe)
+               loader_batch, schedule.steps_per_epoch)
 
   checkpointer = checkpoints.Checkpointer(
       workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
-      config_fingerprint=fingerprint(config))
+      config_fingerprint=factories.fingerprint(config))
   init_rng = jax.random.PRNGKey(config.seed)
-  make_state = lambda: train.create_train_state(model, tx, init_rng, config.data.image_size, mesh)
-  state, _ = checkpointer.restore_latest(jax.eval_shape(make_state), mesh)
+  state, _ = checkpointer.restore_latest(
+      step_lib.abstract_train_state(model, tx, config.data.image_size, mesh), mesh)
   if state is None:
-    state = make_state()
+    state = step_lib.create_train_state(model, tx, init_rng, config.data.image_size, mesh)
   start_step = int(state.step)
   if jax.process_index() == 0:
     _write_run_config(config, workdir)
@@ -146,11 +75,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-  train_step = train.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
-  evaluators = make_evaluators(config, model, mesh)
-  per_process_batch = loader_batch_size(config) // jax.process_count()
+  train_step = step_lib.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
+  eval_context = evaluators.Context(config, model, mesh)
   batches = input_pipeline.global_batches(
-      input_pipeline.train_dataset(config.data, per_process_batch_size=per_process_batch,
+      input_pipeline.train_dataset(config.data, per_process_batch_size=loader_batch // jax.process_count(),
                                    seed=config.seed, start_step=start_step),
       parallel.batch_sharding(mesh))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
@@ -161,7 +89,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           num_profile_steps=config.profile_steps[1] -
                                           config.profile_steps[0]))
   step_rng = jax.random.PRNGKey(config.seed + 1)
-  eval_every = max(1, int(config.eval_every_epochs * spe))
   history, wait_time, window_start = [], 0.0, time.time()
 
   step = start_step
@@ -172,6 +99,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       wait_time += time.time() - t
       state, metrics = train_step(state, batch, step_rng)
     step += 1
+    for hook in step_hooks:
+      hook(step, state, metrics)
     history.append((step, metrics))
     for hook in hooks:
       hook(step)
@@ -182,10 +111,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       means['train/input_wait_fraction'] = wait_time / max(time.time() - window_start, 1e-9)
       writer.write_scalars(step, means)
       history, wait_time, window_start = [], 0.0, time.time()
-    if step % eval_every == 0 and not last:
+    if step % schedule.eval_every_steps == 0 and not last:
       with report.timed('eval'):
-        writer.write_scalars(step, {f'eval_ema/{k}': v for k, v in evaluate(
-            config, evaluators['clean'], state.ema_params, state.ema_model_state, mesh).items()})
+        clean = evaluators.eval_clean(eval_context, variables(state.ema_params, state.ema_model_state),
+                                      {})
+        writer.write_scalars(step, {f'eval_ema/{k}': v for k, v in clean.items()})
     if checkpointer.should_save(step) or last:
       checkpointer.save(step, state, {'data_step': step}, force=last)
     if checkpointer.preempted and not last:
@@ -195,7 +125,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       writer.flush()
       return {'preempted_at_step': step}
 
-  final = final_evaluation(config, evaluators, state, mesh)
+  final = final_evaluation(config, eval_context, state)
   final['step'] = int(state.step)
   writer.write_scalars(int(state.step), {f'final/{k}': v for k, v in final.items()
                                          if isinstance(v, float)})
@@ -207,18 +137,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return final
 
 
-def final_evaluation(config, evaluators, state, mesh) -> dict:
-  """Clean top-1/top-5 of the EMA and raw weights, and PGD top-1 of the EMA weights (main BN)."""
+def final_evaluation(config, eval_context, state) -> dict:
+  """Clean top-1/top-5 of the EMA and raw weights, and PGD top-1 of the EMA weights (main BN) at each
+  config.eval_pgd_epsilons_pixels."""
   results = {}
-  for name, params, model_state in (('ema', state.ema_params, state.ema_model_state),
-                                    ('raw', state.params, state.model_state)):
-    metrics = evaluate(config, evaluators['clean'], params, model_state, mesh)
+  ema = variables(state.ema_params, state.ema_model_state)
+  for name, weights in (('ema', ema), ('raw', variables(state.params, state.model_state))):
+    metrics = evaluators.eval_clean(eval_context, weights, {})
     results.update({f'{name}_clean_top1': metrics['top1'], f'{name}_clean_top5': metrics['top5']})
     results['eval_examples'] = metrics['count']
-  for name, eval_step in evaluators.items():
-    if name != 'clean':
-      results[f'ema_{name}_top1'] = evaluate(config, eval_step, state.ema_params,
-                                             state.ema_model_state, mesh)['top1']
+  if config.eval_pgd_epsilons_pixels:
+    settings = dict(evaluators.DEFAULT_SETTINGS['pgd'], epsilons_pixels=config.eval_pgd_epsilons_pixels)
+    pgd = evaluators.eval_pgd(eval_context, ema, settings)['by_epsilon_pixels']
+    results.update({f'ema_pgd{eps}_top1': r['top1'] for eps, r in pgd.items()})
   return results
 
 

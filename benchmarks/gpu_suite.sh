@@ -18,18 +18,14 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/advprop_jax_c
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 mkdir -p "$out"
 start=$(date +%s)
-if ! python -c 'import tensorflow, tensorflow_datasets, clu' 2>/dev/null; then
-  # Accelerator images often lack TensorFlow; the timed step never uses it (synthetic batch).
-  echo "== tensorflow/tfds/clu missing: using benchmarks/stubs" | tee -a "$out/bench.log"
-  export PYTHONPATH="$PWD/benchmarks/stubs${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# The timed step needs no TensorFlow, TFDS or CLU (synthetic batch; the config and step modules are TF-free).
 
 runs=()
 for m in $models; do
   IFS=: read -r model size batch <<<"$m"
   for dtype in $dtypes; do
-    for method in ${methods//,/ }; do
-      runs+=("--model=$model --image_size=$size --batch=$batch --dtype=$dtype --method=$method $extra")
+    for name in ${methods//,/ }; do
+      runs+=("--model=$model --image_size=$size --batch=$batch --dtype=$dtype --method=$name $extra")
     done
   done
 done

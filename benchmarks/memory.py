@@ -14,7 +14,7 @@ Counted per core (the step is data parallel: every core holds the whole state an
 Their sum is a lower bound on the step's peak: the backward pass adds transient buffers whose size
 the backend's scheduler decides (the device's own peak comes from benchmarks/throughput.py). The
 attack's own forward/backward is not live at that point (its result, the adversarial batch, is a
-residual). Methods: those whose gradient is one loss (objectives.SINGLE_LOSS_METHODS).
+residual). Methods: those whose gradient is one loss (a Method record with make_loss_fn).
 
 The recipe rows assume a 512-core TPU v3 pod (16 GiB HBM per core): global batch 4096 (B7) and
 2048 (B8) -> 8 and 4 images per core.
@@ -26,6 +26,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from advprop_jax import config as config_lib
+from advprop_jax import factories
+from advprop_jax import methods
+from advprop_jax import step as step_lib
 
 GIB = 2 ** 30
 RECIPE = (('efficientnet-b7', 600, 8), ('efficientnet-b8', 672, 4))
@@ -42,16 +47,15 @@ def _tree_bytes(tree) -> int:
 def step_memory(model_name: str, image_size: int, batch: int, dtype: str, method: str,
                 remat: bool, num_classes: int = 1000) -> dict:
   """Bytes per core of state, autodiff residuals and batch for one training step (shapes only)."""
-  from advprop_jax import config as config_lib, objectives, trainer, train
   config = config_lib.base_config()
   config.update_from_flattened_dict({'model': model_name, 'method': method, 'dtype': dtype,
                                      'num_classes': num_classes, 'global_batch_size': batch,
                                      'data.image_size': image_size})
   config.model_overrides.update({'remat': remat})
   config_lib.validate(config, 1, 1)
-  model = trainer.build_model(config)
-  tx, _ = trainer.build_optimizer(config, 1000)
-  variables = jax.eval_shape(lambda: train.init_variables(model, jax.random.PRNGKey(0), image_size))
+  model = factories.build_model(config)
+  tx, _ = factories.build_optimizer(config, 1000)
+  variables = jax.eval_shape(lambda: step_lib.init_variables(model, jax.random.PRNGKey(0), image_size))
   params = variables['params']
   model_state = {k: v for k, v in variables.items() if k != 'params'}
   opt_state = jax.eval_shape(tx.init, params)
@@ -59,7 +63,11 @@ def step_memory(model_name: str, image_size: int, batch: int, dtype: str, method
                  + 2 * _tree_bytes(model_state) + _tree_bytes(params))  # + EMA stats + gradients
   batch_avals = {'image': jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32),
                  'label': jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  loss_fn = objectives.make_loss_fn(model, config)
+  make_loss_fn = methods.get(method).make_loss_fn
+  if make_loss_fn is None:
+    raise ValueError(f'--method={method}: its gradient is not the gradient of one loss; choose one of '
+                     f'{[m for m, r in methods.METHODS.items() if r.make_loss_fn]}')
+  loss_fn = make_loss_fn(model, config)
 
   def residuals(params, model_state, batch, rng):
     _, vjp_fn, _ = jax.vjp(lambda p: loss_fn(p, model_state, batch, rng), params, has_aux=True)

@@ -5,10 +5,10 @@
       [--model_overrides='{"width": 0.25}'] [--peak_flops=F] [--cpu_devices=N]
   python -m benchmarks.throughput --methods=vanilla,advprop --attack_steps=1,5   # one process, compared
 
-The model, optimizer and step are built exactly as training builds them (trainer.build_model /
-build_optimizer, train.create_train_state / make_train_step over the mesh of all local devices), from
+The model, optimizer and step are built exactly as training builds them (factories.build_model /
+build_optimizer, step.create_train_state / make_train_step over the mesh of all local devices), from
 `advprop_jax.config.base_config()`; the batch is synthetic and already on the mesh, so only the step is
-timed. Compilation is timed separately (trace+lower, then compile). FLOPs come from XLA's cost analysis
+timed (TensorFlow is not needed). Compilation is timed separately (trace+lower, then compile). FLOPs come from XLA's cost analysis
 of the compiled step (per-device program); MFU = achieved FLOP/s / the device's peak FLOP/s
 (benchmarks/peaks.py, or --peak_flops). `images_per_sec` counts images drawn from the loader (the clean
 batch), so methods that do more work per image (AdvProp) compare on the same data. The last line printed
@@ -34,62 +34,17 @@ import time
 from benchmarks import hugepages
 from benchmarks import peaks
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get('flops', float('nan')))
-
-
-def _attacks(config):
-  """[(distribution, num_steps)] of the PGD attacks one step of `config.method` runs."""
-  from advprop_jax import attacks, objectives
-  def steps(eps):
-    return int(config.attack.num_steps or attacks.default_num_steps(eps))
-  if config.method == 'advprop':
-    return [('adv', steps(config.attack.epsilon_pixels))]
-  if config.method == 'adv_train':
-    return [('clean', steps(config.attack.epsilon_pixels))]
-  if config.method == 'fine_grained_advprop':
-    return [(f'adv{i + 1}', steps(e)) for i, e in enumerate(config.fine_grained_epsilons_pixels)]
-  return []
-
-
-def attack_loop_flops(model, config, state, per_device_batch: int) -> float:
-  """FLOPs XLA's cost analysis leaves out of a step: PGD iterations 2..K.
-
-  HloCostAnalysis counts a while loop's body once, whatever its trip count, and pgd() runs K > 1 steps
-  in a fori_loop. One iteration is a forward + input-gradient pass of the attacked model (plus an
-  elementwise update); its FLOPs come from the cost analysis of that pass alone (lowered, not compiled:
-  cheap), and (K - 1) of them are added back.
-  """
-  from advprop_jax import objectives
-  extra = 0.0
-  passes = objectives.Passes(model)
-  train = config.attack.bn_mode == 'train'
-  size = config.data.image_size
-  spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
-  x = jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32)
-  labels = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
-  for distribution, k in _attacks(config):
-    if k <= 1:
-      continue
-    def input_grad(params, model_state, z, y, distribution=distribution):
-      def loss(z):
-        logits, _ = passes(params, model_state, z, distribution=distribution, train=train,
-                           rng=jax.random.PRNGKey(0), update_stats=False)
-        return jnp.sum(objectives.cross_entropy(logits, y, config.num_classes))
-      return jax.grad(loss)(z)
-    lowered = jax.jit(input_grad).lower(spec(state.params), spec(state.model_state), x, labels)
-    extra += (k - 1) * _flops(lowered)
-  return extra
+from advprop_jax import config as config_lib
+from advprop_jax import factories
+from advprop_jax import flops as flops_lib
+from advprop_jax import methods
+from advprop_jax import parallel
+from advprop_jax import step as step_lib
 
 
 def make_config(args, method: str, attack_steps: int):
-  from advprop_jax import config as config_lib
   config = config_lib.base_config()
   config.model = args.model
   config.method = method
@@ -109,16 +64,15 @@ def make_config(args, method: str, attack_steps: int):
 
 def run_one(args, method: str, attack_steps: int, log=print) -> dict:
   """Builds the training step for one (method, attack_steps) and measures it."""
-  from advprop_jax import parallel, train, trainer
   config = make_config(args, method, attack_steps)
   mesh = parallel.create_mesh(config.bn_group_size)
-  model = trainer.build_model(config)
-  tx, lr_fn = trainer.build_optimizer(config, 1000)
+  model = factories.build_model(config)
+  tx, lr_fn = factories.build_optimizer(config, 1000)
   rng = jax.random.PRNGKey(0)
-  state = train.create_train_state(model, tx, rng, config.data.image_size, mesh)
-  step_fn = train.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
+  state = step_lib.create_train_state(model, tx, rng, config.data.image_size, mesh)
+  step_fn = step_lib.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
 
-  n = trainer.loader_batch_size(config)
+  n = factories.loader_batch_size(config)
   data_rng = np.random.default_rng(0)
   size = config.data.image_size
   batch = jax.device_put(
@@ -132,8 +86,9 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  xla_flops = _flops(compiled)  # per-device program
-  flops = xla_flops + attack_loop_flops(model, config, state, n // len(mesh.devices.flat))
+  xla_flops = flops_lib.xla_flops(compiled)  # per-device program
+  flops = xla_flops + flops_lib.attack_loop_flops(model, config, state.params, state.model_state,
+                                                  n // len(mesh.devices.flat))
   temp_bytes = footprint = None
   try:
     ma = compiled.memory_analysis()
@@ -167,7 +122,7 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
   achieved = flops / step_s  # per device
   mem, mem_src = peaks.peak_memory(device)
   result = dict(
-      model=args.model, method=method, attack_steps=attack_steps if method != 'vanilla' else 0,
+      model=args.model, method=method, attack_steps=attack_steps,
       batch=n, image_size=size, dtype=args.dtype, remat=bool(config.model_overrides.get('remat', False)),
       devices=num_dev, bn_group_size=int(mesh.shape[parallel.BN_AXIS]), device_kind=device.device_kind,
       images_per_sec=n / step_s, step_ms=step_s * 1e3, step_ms_min=min(times) * 1e3,
@@ -181,7 +136,7 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
       mfu=achieved / peak if peak else float('nan'), loss=loss,
       load_average=os.getloadavg()[0], xla_flags=os.environ.get('XLA_FLAGS', ''),
       glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
-  log(f'[{method}{"" if method == "vanilla" else f" PGD-{attack_steps}"}] {n / step_s:.2f} img/s, '
+  log(f'[{method}{f" PGD-{attack_steps}" if attack_steps else ""}] {n / step_s:.2f} img/s, '
       f'step {step_s * 1e3:.1f} ms (median of {len(times)}, min {min(times) * 1e3:.1f}), '
       f'trace+lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, peak mem {mem / 2**20:.0f} MiB '
       f'({mem_src}), XLA temp {0 if temp_bytes is None else temp_bytes / 2**20:.0f} MiB, '
@@ -191,14 +146,13 @@ def run_one(args, method: str, attack_steps: int, log=print) -> dict:
 
 
 def cost_model(results) -> list:
-  """Each method's step time vs vanilla's, next to what the algorithm predicts.
+  """Each method's step time vs vanilla's, next to what its Method record's cost model predicts.
 
   AdvProp PGD-K: (K + 2) forward+backward passes per clean image. Fast AdvProp: its loader batch is
   n_clean + n_adv images and it trains on n_clean clean + n_adv attacked + n_adv adversarial ones, all
-  with parameter gradients, so a step does (n_clean + 2 n_adv) / n_vanilla = 1.5x vanilla's passes at the
-  default fraction; the paper's "same budget" is per run: per loader image that is 1.2x, and the
-  budget-matched schedule trains 87 instead of 105 epochs (configs/resnet.py), so a run costs
-  step ratio x (vanilla batch / loader batch) x (87 / 105).
+  with parameter gradients: 1.5x vanilla's passes at the default fraction. The paper's "same budget" is
+  per run: per loader image that is 1.2x, and the budget-matched schedule of configs/resnet.py trains 87
+  instead of 105 epochs, so a run costs step ratio x (vanilla batch / loader batch) x (87 / 105).
   """
   vanilla = [r for r in results if r['method'] == 'vanilla']
   if not vanilla:
@@ -206,29 +160,27 @@ def cost_model(results) -> list:
   base = vanilla[0]
   rows = []
   for r in results:
-    measured = r['step_ms'] / base['step_ms']
-    row = dict(method=r['method'], attack_steps=r['attack_steps'], measured_ratio=measured,
-               flops_ratio=r['flops_per_step'] / base['flops_per_step'])
-    if r['method'] == 'advprop':
-      k = r['attack_steps']
-      row.update(predicted_ratio=k + 2, measured_over_predicted=measured / (k + 2))
-    elif r['method'] == 'fast_advprop':
-      epochs = fast_advprop_epoch_ratio()
-      n_adv = r['batch'] - base['batch']  # same --batch: vanilla's batch is Fast AdvProp's clean part
-      per_image = measured * base['batch'] / r['batch']
-      row.update(predicted_ratio=(base['batch'] + 2 * n_adv) / base['batch'],
-                 per_loader_image_ratio=per_image, epoch_ratio=epochs, per_run_ratio=per_image * epochs)
-    else:
+    config = config_lib.base_config()
+    config.method, config.global_batch_size = r['method'], base['batch']
+    config.attack.num_steps = r['attack_steps']
+    predicted = methods.get(r['method']).relative_cost(config)
+    if r is base or predicted is None:
       continue
-    rows.append(row)
+    measured = r['step_ms'] / base['step_ms']
+    per_image = measured * base['batch'] / r['batch']
+    epochs = recipe_epoch_ratio(r['method'])
+    rows.append(dict(method=r['method'], attack_steps=r['attack_steps'], measured_ratio=measured,
+                     flops_ratio=r['flops_per_step'] / base['flops_per_step'], predicted_ratio=predicted,
+                     measured_over_predicted=measured / predicted, per_loader_image_ratio=per_image,
+                     epoch_ratio=epochs, per_run_ratio=per_image * epochs))
   return rows
 
 
-def fast_advprop_epoch_ratio() -> float:
-  """Budget-matched epochs of Fast AdvProp over vanilla's, from configs/resnet.py (87 / 105)."""
-  from advprop_jax.ablation import load_config
+def recipe_epoch_ratio(method: str) -> float:
+  """Epochs of `method`'s run over vanilla's in configs/resnet.py (Fast AdvProp: budget-matched 87/105)."""
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'resnet.py')
-  return load_config(path, '50,fast_advprop').num_epochs / load_config(path, '50,vanilla').num_epochs
+  return (config_lib.load_file(path, f'50,{method}').num_epochs /
+          config_lib.load_file(path, '50,vanilla').num_epochs)
 
 
 def parse_args(argv=None):
@@ -271,20 +223,29 @@ def host_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
-def split_cpu_devices(args, methods, log=print) -> None:
+def _uses_attack_steps(method: str) -> bool:
+  """Whether `method`'s attacks change with config.attack.num_steps (PGD methods; not vanilla, Fast
+  AdvProp's single step or A-FAN's feature attack)."""
+  def attacks(k):
+    config = config_lib.base_config()
+    config.method, config.attack.num_steps = method, k
+    return methods.get(method).attacks(config)
+  return attacks(1) != attacks(2)
+
+
+def split_cpu_devices(args, method_names, log=print) -> None:
   """Makes JAX expose `args.cpu_devices` CPU devices (0: one per core if the batches divide).
 
   Only the CPU backend is affected: on an accelerator host the mesh is the accelerators whatever this
   sets. Must run before the first JAX computation.
   """
-  from advprop_jax import config as config_lib, trainer
   n = args.cpu_devices
   if n == 0:
     n = host_cores()
-    for method in methods:
+    for name in method_names:
       config = config_lib.base_config()
-      config.method, config.global_batch_size = method, args.batch
-      if trainer.loader_batch_size(config) % n:
+      config.method, config.global_batch_size = name, args.batch
+      if factories.loader_batch_size(config) % n:
         n = 1
   if n == jax.config.jax_num_cpu_devices or 'xla_force_host_platform_device_count' in \
       os.environ.get('XLA_FLAGS', ''):
@@ -299,8 +260,8 @@ def split_cpu_devices(args, methods, log=print) -> None:
 
 def main(argv=None, log=print) -> list:
   args = parse_args(argv)
-  methods = (args.methods or args.method).split(',')
-  split_cpu_devices(args, methods, log)
+  method_names = (args.methods or args.method).split(',')
+  split_cpu_devices(args, method_names, log)
   if args.bn_group_size is None:
     args.bn_group_size = -1 if jax.default_backend() == 'cpu' else 0
   if args.measure_peak:
@@ -308,26 +269,21 @@ def main(argv=None, log=print) -> list:
     log(f'measured peak: {args.peak_flops / 1e9:.1f} GFLOP/s per device (fp32 2048^3 matmul, best of 5)')
   ks = [int(k) for k in str(args.attack_steps).split(',')]
   runs = []
-  for method in methods:
-    # Vanilla has no attack, Fast AdvProp always one step: only the PGD methods vary with K.
-    for k in {'vanilla': [0], 'fast_advprop': [1]}.get(method, ks):
-      runs.append((method, k))
+  for name in method_names:
+    # Only the methods whose attacks run config.attack.num_steps PGD steps vary with K.
+    for k in (ks if _uses_attack_steps(name) else [0]):
+      runs.append((name, k))
   results = [run_one(args, m, k, log=log) for m, k in runs]
   if args.compile_only:
     log(json.dumps(results))
     return results
   comparison = cost_model(results)
   for row in comparison:
-    if row['method'] == 'advprop':
-      log(f'advprop PGD-{row["attack_steps"]}: {row["measured_ratio"]:.2f}x vanilla step time, cost '
-          f'model (K+2) = {row["predicted_ratio"]}x -> measured/predicted '
-          f'{row["measured_over_predicted"]:.2f}; XLA FLOPs ratio {row["flops_ratio"]:.2f}x')
-    else:
-      log(f'fast_advprop: {row["measured_ratio"]:.2f}x vanilla step time '
-          f'(passes {row["predicted_ratio"]:.2f}x, XLA FLOPs {row["flops_ratio"]:.2f}x); '
-          f'per loader image {row["per_loader_image_ratio"]:.2f}x; '
-          f'per budget-matched run ({row["epoch_ratio"]:.3f} of the epochs) '
-          f'{row["per_run_ratio"]:.2f}x vanilla\'s run')
+    attack = f' PGD-{row["attack_steps"]}' if row['attack_steps'] else ''
+    log(f'{row["method"]}{attack}: {row["measured_ratio"]:.2f}x vanilla step time; cost model '
+        f'{row["predicted_ratio"]:.2f}x passes -> measured/predicted {row["measured_over_predicted"]:.2f}; '
+        f'XLA FLOPs {row["flops_ratio"]:.2f}x; per loader image {row["per_loader_image_ratio"]:.2f}x; '
+        f'per recipe run ({row["epoch_ratio"]:.3f} of the epochs) {row["per_run_ratio"]:.2f}x')
   out = results[0] if len(results) == 1 else dict(runs=results, cost_model=comparison)
   if len(results) > 1:  # headline keys of the first run, so every output has them at the top level
     out.update({k: results[0][k] for k in ('images_per_sec', 'step_ms', 'compile_s', 'peak_bytes',

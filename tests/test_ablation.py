@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from advprop_jax import ablation
+from advprop_jax import factories
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'demo.py')
@@ -19,16 +20,15 @@ def _parse(cell):
 
 @pytest.mark.parametrize('epochs', [1.0, 3.0, 30.0])
 def test_every_method_gets_the_same_number_of_optimizer_steps(epochs):
-  from advprop_jax import trainer
   configs = {m: ablation.method_config(CONFIG, m, 0, epochs=epochs) for m in ablation.ALL_METHODS}
-  vanilla_spe = trainer.steps_per_epoch(configs['vanilla'])
+  spe = lambda c: factories.schedule(c, 1437).steps_per_epoch  # the digits' training split
+  vanilla_spe = spe(configs['vanilla'])
   expected = int(round(epochs * vanilla_spe))
-  for method, c in configs.items():
-    spe = trainer.steps_per_epoch(c)
-    assert c.max_steps == expected, method
-    assert int(c.num_epochs * spe) == expected, method  # the LR schedule spans the same steps
-    assert c.warmup_epochs * spe == pytest.approx(2.0 * vanilla_spe), method
-  assert trainer.loader_batch_size(configs['fast_advprop']) == 80  # 1.25x the images per step
+  for name, c in configs.items():
+    assert c.max_steps == expected, name
+    assert int(c.num_epochs * spe(c)) == expected, name  # the LR schedule spans the same steps
+    assert c.warmup_epochs * spe(c) == pytest.approx(2.0 * vanilla_spe), name
+  assert factories.loader_batch_size(configs['fast_advprop']) == 80  # 1.25x the images per step
   assert configs['fine_grained_advprop'].fine_grained_epsilons_pixels == (2.0, 4.0)
   assert configs['afan'].afan.stage == 1
 

@@ -6,12 +6,13 @@ import optax
 import pytest
 from flax import traverse_util
 
-from advprop_jax import afan
 from advprop_jax import config as config_lib
-from advprop_jax import objectives
-from advprop_jax import parallel
-from advprop_jax import train
+from advprop_jax import methods
+from advprop_jax.methods import afan
+from advprop_jax.methods import passes as passes_lib
 from advprop_jax.models.efficientnet import B0_STAGES
+from advprop_jax import parallel
+from advprop_jax import step as step_lib
 from conftest import tiny_efficientnet
 
 SIZE, BATCH, STEPS, STEP = 16, 8, 3, 0.05
@@ -47,19 +48,19 @@ def reference():
   params = variables.pop('params')
   state = dict(variables)
   batch = make_batch(BATCH)
-  passes = objectives.Passes(model)
-  grad_fn = objectives.make_grad_fn(model, make_config())
+  passes = passes_lib.Passes(model)
+  grad_fn = methods.get('afan').make_grad_fn(model, make_config())
 
   def compute(params):
     grads, new_state, metrics = grad_fn(params, state, batch, jax.random.PRNGKey(1))
 
     def clean_loss(p):  # the full forward pass, not split at the stage
       logits, s = passes(p, state, batch['image'], distribution='clean', train=True)
-      return jnp.mean(objectives.cross_entropy(logits, batch['label'], 10, 0.1)), s
+      return jnp.mean(passes_lib.cross_entropy(logits, batch['label'], 10, 0.1)), s
     (loss, clean_state), g_clean = jax.value_and_grad(clean_loss, has_aux=True)(params)
 
     feature = model.apply({'params': params, **state}, batch['image'], train=True, to_stage=1)
-    rest = lambda z: jnp.sum(objectives.cross_entropy(
+    rest = lambda z: jnp.sum(passes_lib.cross_entropy(
         model.apply({'params': params, **state}, z, train=True, from_stage=1), batch['label'], 10))
     balls = {eps: afan.perturb_feature(rest, feature, make_config(epsilon=eps).afan) - feature
              for eps in (0.0, 0.02)}
@@ -108,10 +109,10 @@ def test_pono_mix():
   # The content is the clean feature's: same positional normalisation.
   normalised = lambda f: (f - afan.pono_moments(f)[0]) / afan.pono_moments(f)[1]
   np.testing.assert_allclose(normalised(full), normalised(clean), rtol=1e-3, atol=1e-3)
-  with pytest.raises(ValueError, match='pono_mix'):
-    objectives.make_grad_fn(make_model(), make_config(pono_mix=1.5))
-  with pytest.raises(ValueError, match='stage'):
-    objectives.make_grad_fn(make_model(), make_config(stage=0))
+  with pytest.raises(config_lib.ConfigError, match='afan.pono_mix'):
+    methods.get('afan').validate(make_config(pono_mix=1.5), 8)
+  with pytest.raises(config_lib.ConfigError, match='afan.stage'):
+    methods.get('afan').validate(make_config(stage=0), 8)
 
 
 def test_eight_device_step_runs():
@@ -119,8 +120,8 @@ def test_eight_device_step_runs():
   model = make_model()
   mesh = parallel.create_mesh(2)  # BN groups of 2 devices: statistics reduced inside the model
   tx = optax.sgd(0.1)
-  state = train.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE, mesh)
-  step = train.make_train_step(model, tx, config, mesh, lambda s: 0.1, 0.9999)
+  state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE, mesh)
+  step = step_lib.make_train_step(model, tx, config, mesh, lambda s: 0.1, 0.9999)
   batch = jax.device_put(make_batch(16), parallel.batch_sharding(mesh))
   before = jax.device_get(state.model_state)  # the step donates the state
   new_state, metrics = step(state, batch, jax.random.PRNGKey(1))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from advprop_jax import attacks
+from advprop_jax.data import normalization
 
 D, C, B = 12, 4, 16
 
@@ -78,10 +79,11 @@ def test_gradient_is_stopped_and_bad_steps(linear):
 
 
 def test_pixel_units_and_paper_step_rule():
-  assert attacks.pixels_to_input_units(1.0) == pytest.approx(2 / 255)
-  assert attacks.input_range('minus_one_one') == (-1.0, 1.0)
-  low, high = attacks.input_range('imagenet')
-  np.testing.assert_allclose(high - low, attacks.pixels_to_input_units(255.0, 'imagenet'), rtol=1e-6)
+  assert normalization.pixels_to_input_units(1.0) == pytest.approx(2 / 255)
+  assert normalization.input_range('minus_one_one') == (-1.0, 1.0)
+  low, high = normalization.input_range('imagenet')
+  np.testing.assert_allclose(high - low, normalization.pixels_to_input_units(255.0, 'imagenet'),
+                             rtol=1e-6)
   assert [attacks.default_num_steps(e) for e in (1, 2, 3, 4)] == [1, 3, 4, 5]
   with pytest.raises(ValueError, match='normalization'):
-    attacks.pixels_to_input_units(1.0, 'zero_one')
+    normalization.pixels_to_input_units(1.0, 'zero_one')

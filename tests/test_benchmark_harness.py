@@ -66,9 +66,9 @@ def test_hugepages_reexec_sets_the_tunable_once_and_keeps_the_command():
 
 
 def test_cost_model_ratio():
-  runs = [dict(method='vanilla', attack_steps=0, step_ms=10.0, flops_per_step=1.0),
-          dict(method='advprop', attack_steps=1, step_ms=25.0, flops_per_step=2.5),
-          dict(method='advprop', attack_steps=5, step_ms=80.0, flops_per_step=6.0)]
+  runs = [dict(method='vanilla', attack_steps=0, batch=16, step_ms=10.0, flops_per_step=1.0),
+          dict(method='advprop', attack_steps=1, batch=16, step_ms=25.0, flops_per_step=2.5),
+          dict(method='advprop', attack_steps=5, batch=16, step_ms=80.0, flops_per_step=6.0)]
   rows = throughput.cost_model(runs)
   assert [r['predicted_ratio'] for r in rows] == [3, 7]
   assert rows[0]['measured_ratio'] == pytest.approx(2.5)
@@ -79,7 +79,7 @@ def test_cost_model_ratio():
 def test_cost_model_fast_advprop_per_run():
   # 16 clean + 4 attacked + 4 adversarial passes vs 16; the run is 87 of 105 epochs (configs/resnet.py).
   runs = [dict(method='vanilla', attack_steps=0, batch=16, step_ms=10.0, flops_per_step=1.0),
-          dict(method='fast_advprop', attack_steps=1, batch=20, step_ms=15.0, flops_per_step=1.5)]
+          dict(method='fast_advprop', attack_steps=0, batch=20, step_ms=15.0, flops_per_step=1.5)]
   (row,) = throughput.cost_model(runs)
   assert row['predicted_ratio'] == pytest.approx(1.5) and row['measured_ratio'] == pytest.approx(1.5)
   assert row['per_loader_image_ratio'] == pytest.approx(1.2)

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from advprop_jax import checkpoints
 from advprop_jax import optim
 from advprop_jax import parallel
-from advprop_jax import train
+from advprop_jax import step as step_lib
 
 FINGERPRINT = {'model': 'efficientnet-b0', 'method': 'advprop', 'num_classes': 10, 'image_size': 16}
 
@@ -23,7 +23,7 @@ def mesh():
   return parallel.create_mesh(1)
 
 
-def make_state(mesh, seed: int) -> train.TrainState:
+def make_state(mesh, seed: int) -> step_lib.TrainState:
   """A TrainState shaped like the real one (RMSProp state, two BN collections, distinct EMA)."""
   rng = np.random.default_rng(seed)
   f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -33,7 +33,7 @@ def make_state(mesh, seed: int) -> train.TrainState:
                  'batch_stats_adv': {'bn': {'mean': f(8), 'var': f(8)}}}
   tx = optim.create_optimizer('rmsprop', 0.1)
   opt_state = tx.update(params, tx.init(params), params)[1]  # non-trivial optimizer statistics
-  state = train.TrainState(
+  state = step_lib.TrainState(
       step=jnp.asarray(seed, jnp.int32), params=params, model_state=model_state, opt_state=opt_state,
       ema_params=jax.tree.map(lambda x: x * 0.5, params),
       ema_model_state=jax.tree.map(lambda x: x + 1.0, model_state))
@@ -78,7 +78,7 @@ def test_save_restore_is_exact_and_replicated(tmp_path, mesh):
     ckpt.wait()
   with checkpointer(tmp_path) as ckpt:
     restored, extra = ckpt.restore_latest(abstract, mesh)
-  assert isinstance(restored, train.TrainState)
+  assert isinstance(restored, step_lib.TrainState)
   assert extra == {'data_step': 40, 'rng_seed': 7}
   assert_trees_equal(restored, state)
   assert int(restored.step) == 4

@@ -247,7 +247,7 @@ def workdir(tmp_path_factory, tiny_variables):
   """A training workdir as the trainer writes it (Checkpointer + full config.json)."""
   from advprop_jax import checkpoints
   from advprop_jax import config as config_lib
-  from advprop_jax import train
+  from advprop_jax import step as step_lib
   directory = tmp_path_factory.mktemp('workdir')
   rng = np.random.RandomState(5)
   # The auxiliary BN differs from the main one: exporting the wrong distribution must show.
@@ -261,7 +261,7 @@ def workdir(tmp_path_factory, tiny_variables):
       node[leaf] = node[leaf] + rng.normal(size=node[leaf].shape).astype(np.float32)
   stats = {'batch_stats': tiny_variables['batch_stats'],
            'batch_stats_adv': jax.tree.map(lambda a: a * 3.0, tiny_variables['batch_stats_adv'])}
-  state = train.TrainState(step=np.int32(10), params=ema_params, model_state=stats, opt_state=(),
+  state = step_lib.TrainState(step=np.int32(10), params=ema_params, model_state=stats, opt_state=(),
                            ema_params=ema_params, ema_model_state=stats)
   checkpointer = checkpoints.Checkpointer(str(directory), every_steps=1, keep=2,
                                           config_fingerprint={}, async_save=False)

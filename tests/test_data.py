@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from advprop_jax import config as config_lib
 from advprop_jax.data import input_pipeline as ip
 from advprop_jax.data import preprocessing
 
@@ -67,7 +68,7 @@ def fake_imagenet(tmp_path_factory):
 
 
 def imagenet_config(**overrides):
-  c = ip.default_data_config()
+  c = config_lib.data_config()
   c.image_size = S
   c.update(overrides)
   return c
@@ -187,7 +188,7 @@ def test_undecodable_record_named_or_skipped(fake_imagenet):
 
 @pytest.fixture(scope='module')
 def digits_config(tmp_path_factory):
-  c = ip.default_data_config()
+  c = config_lib.data_config()
   c.update(dataset='sklearn_digits', data_dir=str(tmp_path_factory.mktemp('tfds')), image_size=32,
            eval_split='test', train_crop='resize', augment='none', shuffle_buffer=1024)
   return c
@@ -231,7 +232,7 @@ def test_global_batches_sharded_over_8_devices(digits_config):
 
 
 def test_bad_inputs_give_clear_errors(fake_imagenet, tmp_path, digits_config):
-  c = ip.default_data_config()
+  c = config_lib.data_config()
   c.update(dataset='no_such_dataset_xyz', data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset_xyz'"):
     ip.num_classes(c)

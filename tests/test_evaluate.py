@@ -1,4 +1,5 @@
-"""advprop_jax.evaluate / robustness / data.corruptions / data.imagenet_subsets (issue #8)."""
+"""advprop_jax.eval (evaluators, robustness, workdir, report, the subset eval step) / data.corruptions /
+data.imagenet_subsets (issue #8)."""
 import json
 import os
 
@@ -7,12 +8,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from advprop_jax import evaluate
 from advprop_jax import parallel
-from advprop_jax import robustness
-from advprop_jax import train
+from advprop_jax import step as step_lib
 from advprop_jax.data import corruptions
 from advprop_jax.data import imagenet_subsets
+from advprop_jax.eval import evaluators
+from advprop_jax.eval import report
+from advprop_jax.eval import robustness
+from advprop_jax.eval import workdir
+from advprop_jax.eval.step import make_eval_step
 from conftest import tiny_efficientnet
 
 
@@ -70,9 +74,11 @@ def digits_ctx(tmp_path_factory):
   config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
   config.eval_batch_size = 40
   model = tiny_efficientnet()
-  variables = train.init_variables(model, jax.random.PRNGKey(0), 32)
+  variables = step_lib.init_variables(model, jax.random.PRNGKey(0), 32)
   mesh = parallel.create_mesh(-1)
-  return evaluate.Context(config, model, variables, mesh)
+  ctx = evaluators.Context(config, model, mesh)
+  ctx.variables = variables  # the weights these tests evaluate
+  return ctx
 
 
 def _write_png_folder(root, classes):
@@ -91,9 +97,9 @@ def test_evaluators_end_to_end_on_digits(digits_ctx, tmp_path):
         pgd=dict(epsilons_pixels=(0.0, 2.0), num_steps=1),
         corruptions=dict(types=('gaussian_noise', 'contrast', 'jpeg_compression'),
                          severities=(1, 5), max_examples=80))
-  plan = evaluate.evaluator_plan(digits_ctx.config, ['clean', 'pgd', 'corruptions', 'stylized',
-                                                     'imagenet_a'])
-  results = evaluate.run_evaluators(digits_ctx, plan)
+  plan = evaluators.evaluator_plan(digits_ctx.config, ['clean', 'pgd', 'corruptions', 'stylized',
+                                                       'imagenet_a'])
+  results = evaluators.run_evaluators(digits_ctx, digits_ctx.variables, plan)
   clean = results['clean']
   assert clean['status'] == 'ok' and clean['count'] == 360
   pgd = results['pgd']['by_epsilon_pixels']
@@ -108,17 +114,17 @@ def test_evaluators_end_to_end_on_digits(digits_ctx, tmp_path):
   assert results['imagenet_a']['status'] == 'skipped'
   assert '1000-class' in results['imagenet_a']['reason']
   # Corrupted inputs are deterministic across runs.
-  again = evaluate.run_evaluators(digits_ctx, [p for p in plan if p[0] == 'corruptions'])
+  again = evaluators.run_evaluators(digits_ctx, digits_ctx.variables, [p for p in plan if p[0] == 'corruptions'])
   assert again['corruptions']['by_type_and_severity'] == cor['by_type_and_severity']
 
   out = tmp_path / 'eval'
-  evaluate.write_outputs(str(out), dict(workdir='w', model='efficientnet-b7', method='advprop',
-                                        dataset='sklearn_digits', ema=True), results)
+  report.write_outputs(str(out), dict(workdir='w', model='efficientnet-b7', method='advprop',
+                                      dataset='sklearn_digits', ema=True), results)
   saved = json.loads((out / 'eval_metrics.json').read_text())
   assert saved['results']['clean']['top1'] == clean['top1']
   assert set(saved['plots']) == {'pgd_accuracy.png', 'corruption_error.png'}
-  report = (out / 'report.md').read_text()
-  assert 'skipped' in report and '59.4' in report and 'White-box PGD' in report
+  text = (out / 'report.md').read_text()
+  assert 'skipped' in text and '59.4' in text and 'White-box PGD' in text
 
 
 def test_missing_dataset_is_skipped_with_its_name(digits_ctx, tmp_path):
@@ -127,9 +133,9 @@ def test_missing_dataset_is_skipped_with_its_name(digits_ctx, tmp_path):
   with config.unlocked():
     config.num_classes = 1000
     config.data.data_dir = str(tmp_path)  # nothing prepared here
-  ctx = evaluate.Context(config, None, {'params': {}}, digits_ctx.mesh)
+  ctx = evaluators.Context(config, None, digits_ctx.mesh)
   config.data.dataset = 'imagenet2012'
-  results = evaluate.run_evaluators(ctx, evaluate.evaluator_plan(
+  results = evaluators.run_evaluators(ctx, {'params': {}}, evaluators.evaluator_plan(
       config, ['imagenet_a', 'imagenet_r', 'imagenet_v2', 'imagenet_sketch', 'stylized']))
   for name, dataset in (('imagenet_a', 'imagenet_a'), ('imagenet_r', 'imagenet_r'),
                         ('imagenet_v2', 'imagenet_v2/matched-frequency'),
@@ -137,7 +143,8 @@ def test_missing_dataset_is_skipped_with_its_name(digits_ctx, tmp_path):
     assert results[name]['status'] == 'skipped'
     assert f"TFDS dataset '{dataset}'" in results[name]['reason'] and 'tfds build' in results[name]['reason']
   assert results['stylized']['status'] == 'skipped' and '--stylized_dir' in results['stylized']['reason']
-  cor = evaluate.run_evaluators(ctx, evaluate.evaluator_plan(config, ['corruptions']))['corruptions']
+  cor = evaluators.run_evaluators(ctx, {'params': {}},
+                                 evaluators.evaluator_plan(config, ['corruptions']))['corruptions']
   assert cor['status'] == 'skipped' and 'imagenet2012_corrupted/gaussian_noise_1' in cor['reason']
   assert 'downloads/manual' in cor['reason']
 
@@ -145,36 +152,37 @@ def test_missing_dataset_is_skipped_with_its_name(digits_ctx, tmp_path):
 def test_plan_and_config_json(tmp_path):
   from configs import demo
   config = demo.get_config()
-  names = [n for n, _ in evaluate.evaluator_plan(config)]
+  names = [n for n, _ in evaluators.evaluator_plan(config)]
   assert names == ['clean', 'pgd', 'corruptions']
-  assert dict(evaluate.evaluator_plan(config))['pgd']['epsilons_pixels'] == (0.0, 4.0)
+  assert dict(evaluators.evaluator_plan(config))['pgd']['epsilons_pixels'] == (0.0, 4.0)
   with config.unlocked():
     config.evaluate = dict(evaluators=['clean'], bogus=dict(x=1))
-  assert [n for n, _ in evaluate.evaluator_plan(config)] == ['clean']
+  assert [n for n, _ in evaluators.evaluator_plan(config)] == ['clean']
   with pytest.raises(ValueError, match='Unknown evaluator'):
-    evaluate.evaluator_plan(config, ['nope'])
+    evaluators.evaluator_plan(config, ['nope'])
   with config.unlocked():
     config.evaluate = dict(pgd=dict(eps=1))
   with pytest.raises(ValueError, match='unknown settings'):
-    evaluate.evaluator_plan(config, ['pgd'])
+    evaluators.evaluator_plan(config, ['pgd'])
   (tmp_path / 'config.json').write_text(config.to_json_best_effort())
-  loaded = evaluate.load_config(str(tmp_path))
+  loaded = workdir.load_config(str(tmp_path))
   assert loaded.model == config.model and loaded.data.image_size == 32
   with pytest.raises(FileNotFoundError, match='--config'):
-    evaluate.load_config(str(tmp_path / 'none'))
+    workdir.load_config(str(tmp_path / 'none'))
 
 
 def test_subset_eval_step_restricts_logits(digits_ctx):
   ctx, subset = digits_ctx, np.array([1, 3, 5, 7, 8, 9])
-  step = robustness.make_subset_eval_step(ctx.model, ctx.mesh, num_classes=10, class_indices=subset)
+  step = make_eval_step(ctx.model, ctx.mesh, num_classes=10, class_indices=subset)
   rng = np.random.default_rng(1)
   batch = dict(image=rng.uniform(-1, 1, [16, 32, 32, 3]).astype(np.float32),
                label=rng.choice(subset, 16).astype(np.int32), mask=np.ones([16], np.float32))
   batch['mask'][-2:] = 0
   sharding = parallel.batch_sharding(ctx.mesh)
-  sums = step(ctx.params, ctx.model_state, jax.device_put(batch, sharding))
-  logits = np.asarray(ctx.model.apply({'params': ctx.params, **ctx.model_state}, batch['image'],
-                                      train=False))[:, subset]
+  params = ctx.variables['params']
+  model_state = {k: v for k, v in ctx.variables.items() if k != 'params'}
+  sums = step(params, model_state, jax.device_put(batch, sharding))
+  logits = np.asarray(ctx.model.apply(ctx.variables, batch['image'], train=False))[:, subset]
   pred = subset[np.argmax(logits, -1)]
   assert float(sums['count']) == 14
   assert float(sums['top1']) == np.sum((pred == batch['label'])[:14])

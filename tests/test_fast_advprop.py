@@ -9,12 +9,13 @@ from jax.sharding import PartitionSpec as P
 
 from advprop_jax import attacks
 from advprop_jax import config as config_lib
-from advprop_jax import fast_advprop
-from advprop_jax import objectives
+from advprop_jax import methods
+from advprop_jax.methods import fast_advprop
+from advprop_jax.methods import passes as passes_lib
+from advprop_jax.models.efficientnet import B0_STAGES
 from advprop_jax import optim
 from advprop_jax import parallel
-from advprop_jax import train
-from advprop_jax.models.efficientnet import B0_STAGES
+from advprop_jax import step as step_lib
 from conftest import tiny_efficientnet
 
 SIZE, SHARD = 16, 10  # 8 clean + 2 adversarial-source images per device at adv_fraction 0.2
@@ -58,14 +59,14 @@ def reference():
   of eps through the aux BN with batch statistics.
   """
   model, params, state = setup()
-  passes = objectives.Passes(model)
+  passes = passes_lib.Passes(model)
   batch = make_batch(SHARD)
   x, y = batch['image'], batch['label']
 
   def summed(p, z, t, distribution, update_stats=False):
     logits, new_state = passes(p, state, z, distribution=distribution, train=True,
                                update_stats=update_stats)
-    return jnp.sum(objectives.cross_entropy(logits, t, 10, 0.1)), new_state
+    return jnp.sum(passes_lib.cross_entropy(logits, t, 10, 0.1)), new_state
 
   def compute(params):
     grad = jax.value_and_grad(summed, has_aux=True)
@@ -76,11 +77,11 @@ def reference():
     (adv_sum, adv_state), g_adv = grad(params, x_adv, y[8:], 'adv', True)
     # The method's attack step, traced separately (one program, because compiling is the cost).
     config = make_config()
-    settings = dict(objectives.attack_settings(config.attack, 'minus_one_one'), num_steps=1)
+    settings = dict(passes_lib.attack_settings(config.attack, 'minus_one_one'), num_steps=1)
     settings['step_size'] = settings['epsilon']
     attack = fast_advprop.attack_step(
         passes, params, state, x[8:], y[8:], jax.random.PRNGKey(0), settings=settings,
-        loss_fn=lambda l, t: objectives.cross_entropy(l, t, 10, 0.1))
+        loss_fn=lambda l, t: passes_lib.cross_entropy(l, t, 10, 0.1))
     return dict(attack=attack, clean_sum=clean_sum, clean_state=clean_state, g_clean=g_clean,
                 noise_sum=noise_sum, g_noise=g_noise, x_adv=x_adv, adv_sum=adv_sum, adv_state=adv_state, g_adv=g_adv)
   return model, params, state, batch, jax.jit(compute)(params)
@@ -105,7 +106,7 @@ def test_noise_gradient_is_the_attack_backward(reference):
 def test_each_group_divided_by_its_own_count(reference):
   model, params, state, batch, ref = reference
   config = make_config()
-  grads, new_state, metrics = jax.jit(objectives.make_grad_fn(model, config))(
+  grads, new_state, metrics = jax.jit(methods.get(config.method).make_grad_fn(model, config))(
       params, state, batch, jax.random.PRNGKey(5))
   # On one device the shuffle is a permutation within the sub-batch: sums and BN statistics ignore it.
   # Divisors by hand for 8 + 2 with noise 0.25, adv 1.0: shared 8 + 2*1.25, main BN 8, aux BN 2*1.25.
@@ -140,7 +141,7 @@ def test_without_noise_reuse_the_passes_run_separately(reference):
   config = make_config()
   config.fast_advprop.noise_weight = 0.0
   config.l2_weight = 0.0
-  grads, _, metrics = jax.jit(objectives.make_grad_fn(model, config))(
+  grads, _, metrics = jax.jit(methods.get(config.method).make_grad_fn(model, config))(
       params, state, batch, jax.random.PRNGKey(5))
   expected = jax.tree.map(lambda c, a: c + ADV_W * a, ref['g_clean'], ref['g_adv'])
   divisors = fast_advprop.group_divisors(params, 8, 2, 0.0, ADV_W)
@@ -192,8 +193,8 @@ def test_eight_device_step_runs():
   mesh = parallel.create_mesh(1)  # per-device BN: 8 BN groups, 2 adversarial examples each
   tx = optax.sgd(0.1)
   lr = lambda step: 0.1
-  state = train.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE, mesh)
-  step = train.make_train_step(model, tx, config, mesh, lr, 0.9999)
+  state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE, mesh)
+  step = step_lib.make_train_step(model, tx, config, mesh, lr, 0.9999)
   batch = jax.device_put(make_batch(8 * SHARD), parallel.batch_sharding(mesh))
   before = jax.device_get(state.model_state)  # the step donates the state
   new_state, metrics = step(state, batch, jax.random.PRNGKey(1))

@@ -33,7 +33,7 @@ def test_recipe_configs(variant):
   size, crop, dropout = RECIPE[variant]
   assert c.model == f'efficientnet-{variant}'
   assert (c.data.image_size, c.data.crop_fraction) == (size, crop)
-  assert efficientnet.SCALING[c.model].dropout == dropout and 'dropout_rate' not in c.model_overrides
+  assert efficientnet.SCALING[c.model].dropout == dropout and c.model_overrides.dropout_rate is None
   assert c.num_epochs == 350 and c.warmup_epochs == 5
   assert (c.lr_schedule, c.lr_decay_epochs, c.lr_decay_rate) == ('exponential', 2.4, 0.97)
   assert c.base_learning_rate * c.global_batch_size / 256 == pytest.approx(

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advprop_jax import layers
+from advprop_jax.models import batchnorm
+from advprop_jax.models import conv
 from advprop_jax.models import create_model, default_image_size, model_names
 from conftest import tiny_efficientnet
 
@@ -66,7 +67,7 @@ def three_distributions():
 def test_pass_updates_only_its_own_collection(three_distributions, distribution):
   model, variables, x = three_distributions
   assert set(variables) == {'params', 'batch_stats', 'batch_stats_adv1', 'batch_stats_adv2'}
-  collection = layers.stats_collection(distribution)
+  collection = batchnorm.stats_collection(distribution)
   _, updates = model.apply(variables, x, train=True, distribution=distribution,
                            mutable=[collection])
   assert set(updates) == {collection}
@@ -162,26 +163,26 @@ def test_stage_features_compose_to_logits():
 def test_depthwise_formulations_agree(kernel, stride, size):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 6))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 6))
-  ct = jax.random.normal(jax.random.PRNGKey(2), layers.depthwise_conv_grouped(x, w, stride).shape)
+  ct = jax.random.normal(jax.random.PRNGKey(2), conv.depthwise_conv_grouped(x, w, stride).shape)
 
   def loss(fn):
     return lambda x, w: jnp.sum(fn(x, w, stride) * ct)
-  shifted, grouped = loss(layers.depthwise_conv_shifted), loss(layers.depthwise_conv_grouped)
-  np.testing.assert_allclose(layers.depthwise_conv_shifted(x, w, stride),
-                             layers.depthwise_conv_grouped(x, w, stride), rtol=1e-5, atol=1e-5)
+  shifted, grouped = loss(conv.depthwise_conv_shifted), loss(conv.depthwise_conv_grouped)
+  np.testing.assert_allclose(conv.depthwise_conv_shifted(x, w, stride),
+                             conv.depthwise_conv_grouped(x, w, stride), rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.grad(shifted, (0, 1))(x, w), jax.grad(grouped, (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_depthwise_layer_params_identical_across_implementations():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
-  a = layers.DepthwiseConv(3, 2, implementation='shifted')
-  b = layers.DepthwiseConv(3, 2, implementation='grouped')
+  a = conv.DepthwiseConv(3, 2, implementation='shifted')
+  b = conv.DepthwiseConv(3, 2, implementation='grouped')
   va = a.init(jax.random.PRNGKey(1), x)
   assert jax.tree.map(jnp.shape, va) == jax.tree.map(jnp.shape, b.init(jax.random.PRNGKey(1), x))
   np.testing.assert_allclose(a.apply(va, x), b.apply(va, x), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='depthwise_impl'):
-    layers.DepthwiseConv(3, implementation='fast').init(jax.random.PRNGKey(1), x)
+    conv.DepthwiseConv(3, implementation='fast').init(jax.random.PRNGKey(1), x)
 
 
 def test_tf_initialisers():
@@ -189,7 +190,7 @@ def test_tf_initialisers():
   key = jax.random.PRNGKey(0)
   stem = np.asarray(conv_kernel_init()(key, (3, 3, 3, 64)))  # std sqrt(2 / fan_out), fan_out = 9 * 64
   assert abs(stem.std() - np.sqrt(2 / (9 * 64))) < 0.1 * np.sqrt(2 / (9 * 64))
-  dw = layers.DepthwiseConv(5).init(key, jnp.zeros((1, 8, 8, 256)))['params']['kernel']
+  dw = conv.DepthwiseConv(5).init(key, jnp.zeros((1, 8, 8, 256)))['params']['kernel']
   assert abs(np.asarray(dw).std() - np.sqrt(2 / 25)) < 0.1 * np.sqrt(2 / 25)  # fan_out = k*k
   variables = tiny_efficientnet(num_classes=1000).init(key, jnp.zeros((1, 32, 32, 3)))
   dense = np.asarray(variables['params']['classifier']['kernel'])

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from advprop_jax import config as config_lib
-from advprop_jax import objectives
+from advprop_jax import methods
+from advprop_jax.methods import passes as passes_lib
 from advprop_jax import optim
 from advprop_jax import parallel
-from advprop_jax import train
+from advprop_jax import step as step_lib
 from conftest import tiny_efficientnet
 
 SIZE, BATCH = 32, 16
@@ -52,16 +53,16 @@ def test_bn_isolation_inside_advprop_step():
   model = tiny_efficientnet()
   params, state = init(model)
   batch, rng = make_batch(), jax.random.PRNGKey(7)
-  grad_fn = jax.jit(objectives.make_grad_fn(model, config))
+  grad_fn = jax.jit(methods.get(config.method).make_grad_fn(model, config))
   _, new_state, metrics = grad_fn(params, state, batch, rng)
 
-  passes = objectives.Passes(model)
+  passes = passes_lib.Passes(model)
   clean_rng, adv_rng = jax.random.split(rng)
   attack_rng, pass_rng = jax.random.split(adv_rng)
   _, expected_clean = passes(params, state, batch['image'], distribution='clean', train=True)
-  x_adv, _ = objectives.adversarial_examples(
+  x_adv, _ = passes_lib.adversarial_examples(
       passes, params, state, batch, attack_rng, distribution='adv', bn_mode='train', num_classes=10,
-      settings=objectives.attack_settings(config.attack, 'minus_one_one'))
+      settings=passes_lib.attack_settings(config.attack, 'minus_one_one'))
   assert float(jnp.abs(x_adv - batch['image']).max()) > 0
   _, expected_adv = passes(params, state, x_adv, distribution='adv', train=True)
   for collection, expected in (('batch_stats', expected_clean), ('batch_stats_adv', expected_adv)):
@@ -77,10 +78,10 @@ def test_methods_touch_the_right_collections():
                               ('fine_grained_advprop',
                                {'batch_stats', 'batch_stats_adv1', 'batch_stats_adv2'})):
     config = make_config(method=method)
-    model = tiny_efficientnet(distributions=objectives.method_distributions(config))
+    model = tiny_efficientnet(distributions=methods.get(config.method).distributions(config))
     params, state = init(model)
     assert set(state) == collections
-    grads, new_state, metrics = jax.jit(objectives.make_grad_fn(model, config))(
+    grads, new_state, metrics = jax.jit(methods.get(config.method).make_grad_fn(model, config))(
         params, state, batch, rng)
     for c in collections:
       assert not _equal(new_state[c], state[c]), (method, c)
@@ -110,8 +111,8 @@ def step_setup():
 
   def _run(devices, bn_group_size, steps):
     mesh = parallel.create_mesh(bn_group_size, devices=devices)
-    state = train.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE, mesh)
-    step = train.make_train_step(model, tx, config, mesh, lr, 0.9999)
+    state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(0), SIZE, mesh)
+    step = step_lib.make_train_step(model, tx, config, mesh, lr, 0.9999)
     for i in range(steps):
       batch = jax.device_put(make_batch(i), parallel.batch_sharding(mesh))
       state, metrics = step(state, batch, jax.random.PRNGKey(1))

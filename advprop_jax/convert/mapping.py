@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from advprop_jax import layers
+from advprop_jax.models import batchnorm
 from advprop_jax.models import create_model
 
 Path = Tuple[str, ...]  # (collection, module, ..., leaf)
-CLEAN = layers.CLEAN
+CLEAN = batchnorm.CLEAN
 MAX_LISTED = 20  # mismatches listed in one error message
 
 # Flax module name -> timm module name, per block type (RECIPE §6).
@@ -113,10 +113,10 @@ def split_distribution(path: Path, distributions: Iterable[str]) -> Tuple[str, P
   for d in distributions:
     if d == CLEAN:
       continue
-    if collection == layers.stats_collection(d):
+    if collection == batchnorm.stats_collection(d):
       return d, ('batch_stats',) + path[1:]
-    if collection == 'params' and leaf in ('scale' + layers.param_suffix(d), 'bias' + layers.param_suffix(d)):
-      return d, path[:-1] + (leaf[:-len(layers.param_suffix(d))],)
+    if collection == 'params' and leaf in ('scale' + batchnorm.param_suffix(d), 'bias' + batchnorm.param_suffix(d)):
+      return d, path[:-1] + (leaf[:-len(batchnorm.param_suffix(d))],)
   return CLEAN, path
 
 

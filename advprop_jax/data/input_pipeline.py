@@ -18,11 +18,11 @@ import os
 from typing import Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from advprop_jax.data import digits  # noqa: F401  (registers the sklearn_digits TFDS builder)
 from advprop_jax.data import preprocessing
 
 DIGITS = 'sklearn_digits'
@@ -33,36 +33,10 @@ MAX_CACHED_EXAMPLES = 100_000
 _IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG', b'GIF8', b'BM', b'RIFF')
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """ImageNet / EfficientNet-B0 defaults; configs override fields."""
-  c = ml_collections.ConfigDict()
-  c.dataset = 'imagenet2012'  # or any TFDS image-classification name, or 'sklearn_digits'
-  c.data_dir = ml_collections.config_dict.placeholder(str)  # None: the TFDS default
-  c.train_split = 'train'
-  c.eval_split = 'validation'
-  c.image_size = 224
-  # Eval crop side = crop_fraction * min(h, w). None = the reference rule S/(S+32) (0.875 at 224),
-  # which stays right when only image_size is changed.
-  c.crop_fraction = ml_collections.config_dict.placeholder(float)
-  c.train_crop = 'inception'  # 'inception' | 'resize'
-  c.random_flip = True
-  c.augment = 'autoaugment'  # 'autoaugment' | 'randaugment' | 'none'
-  c.randaugment_layers = 2
-  c.randaugment_magnitude = 10
-  c.normalization = 'minus_one_one'  # 'minus_one_one' (x*2/255-1, AdvProp) | 'imagenet'
-  c.cache = False  # cache decoded, unaugmented images (small datasets only)
-  c.shuffle_buffer = 16384  # clamped to the process' shard size
-  c.skip_decode_errors = False
-  c.resize_method = 'bicubic'
-  return c
-
-
 # ------------------------------------------------------------------------------ dataset lookup
-def _builder(config) -> tfds.core.DatasetBuilder:
+def prepared_builder(config) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder for config.dataset, or a clear error saying what is missing."""
   name = config.dataset
-  if name == DIGITS:
-    from advprop_jax.data import digits  # noqa: F401  (registers the builder)
   try:
     builder = tfds.builder(name, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -83,7 +57,7 @@ def _builder(config) -> tfds.core.DatasetBuilder:
           f'data_dir={builder.data_dir_root!r}: looked for {os.fspath(builder.data_path)!r}. '
           f'Prepare it first, e.g. `tfds build {name} --data_dir={builder.data_dir_root}` (datasets '
           'with a manual download, like imagenet2012, need the archives in '
-          '<data_dir>/downloads/manual first), or set data_config.data_dir to where it is.')
+          '<data_dir>/downloads/manual first), or set config.data.data_dir to where it is.')
   return builder
 
 
@@ -96,11 +70,11 @@ def _split_info(builder, split):
 
 
 def num_examples(data_config, split: str) -> int:
-  return _split_info(_builder(data_config), split).num_examples
+  return _split_info(prepared_builder(data_config), split).num_examples
 
 
 def num_classes(data_config) -> int:
-  return _builder(data_config).info.features['label'].num_classes
+  return prepared_builder(data_config).info.features['label'].num_classes
 
 
 def _process(process_index, process_count):
@@ -109,6 +83,11 @@ def _process(process_index, process_count):
   if not 0 <= pi < pc:
     raise ValueError(f'process_index={pi} is not in [0, process_count={pc})')
   return pi, pc
+
+
+def keep_tf_off_accelerators() -> None:
+  """TF is only the input pipeline here: it must not claim the GPU memory JAX needs."""
+  tf.config.set_visible_devices([], 'GPU')
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -171,7 +150,7 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
   skip_decode_errors dropped records, which shifts later batches).
   """
   pi, pc = _process(process_index, process_count)
-  builder = _builder(data_config)
+  builder = prepared_builder(data_config)
   _split_info(builder, data_config.train_split)
   shard = tfds.split_for_jax_process(data_config.train_split, process_index=pi, process_count=pc)
   n = builder.info.splits[shard].num_examples
@@ -223,12 +202,11 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
   the same number of batches and the masks sum to the split size over all processes."""
   split = split or data_config.eval_split
   pi, pc = _process(process_index, process_count)
-  builder = _builder(data_config)
+  builder = prepared_builder(data_config)
   total = _split_info(builder, split).num_examples
   shard = tfds.split_for_jax_process(split, process_index=pi, process_count=pc)
   n = builder.info.splits[shard].num_examples
   b = per_process_batch_size
-  num_batches = math.ceil(math.ceil(total / pc) / b)  # same on every process
 
   def prepare(ex):
     image = preprocessing.preprocess_for_eval(
@@ -240,12 +218,22 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if data_config.skip_decode_errors:
     ds = ds.ignore_errors(log_warning=True)
-  size = data_config.image_size
+  return pad_and_batch(ds, total, b, data_config.image_size, process_count=pc)
+
+
+def pad_and_batch(ds, total: int, batch_size: int, image_size: int,
+                  process_count: int | None = None) -> tf.data.Dataset:
+  """This process' share of a `total`-example eval set -> masked batches, padded so that every process
+  yields the same number, ceil(ceil(total / processes) / batch) (SPMD steps line up; padding has mask 0).
+
+  take() rather than a computed pad count: stays exact even if decode errors were skipped.
+  """
+  pc = jax.process_count() if process_count is None else process_count
+  num_batches = math.ceil(math.ceil(total / pc) / batch_size)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([size, size, 3], tf.float32), 'label': tf.constant(0, tf.int32),
+      'image': tf.zeros([image_size, image_size, 3], tf.float32), 'label': tf.constant(0, tf.int32),
       'mask': tf.constant(0.0)}).repeat()
-  # take() rather than a computed pad count: stays exact even if errors were skipped.
-  ds = ds.concatenate(padding).take(num_batches * b).batch(b, drop_remainder=True)
+  ds = ds.concatenate(padding).take(num_batches * batch_size).batch(batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 

@@ -45,28 +45,46 @@ def default_crop_fraction(name: str) -> float:
   return efficientnet.SCALING[name].crop_fraction if name in efficientnet.SCALING else 0.875
 
 
+def num_feature_stages(name: str, overrides=None) -> int:
+  """Number of block stages of model `name` whose outputs `from_stage`/`to_stage` name (A-FAN)."""
+  _check_name(name)
+  overrides = overrides.to_dict() if hasattr(overrides, 'to_dict') else dict(overrides or {})
+  constructor, defaults = _REGISTRY[name]
+  kwargs = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+  if constructor is efficientnet.EfficientNet:
+    return len(kwargs.get('stages', efficientnet.B0_STAGES))
+  return len(kwargs['stage_sizes'])
+
+
+def check_overrides(name: str, overrides) -> None:
+  """ValueError naming the first override that model `name` does not have or cannot take."""
+  _check_name(name)
+  constructor, defaults = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(constructor) if f.init and f.name not in ('parent', 'name')}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'{", ".join(unknown)} {"is not a field" if len(unknown) == 1 else "are not fields"} '
+                     f'of model {name!r}; its fields: {", ".join(sorted(fields))}')
+  kwargs = {**defaults, **overrides}
+  distributions = tuple(kwargs.get('distributions', ('clean', 'adv')))
+  if 'clean' not in distributions or len(set(distributions)) != len(distributions):
+    raise ValueError(f'distributions={distributions!r} must contain \'clean\' and no duplicates')
+  for field in ('width', 'depth'):
+    if field in kwargs and not kwargs[field] > 0:
+      raise ValueError(f'{field}={kwargs[field]!r} must be > 0')
+  for field in ('dropout_rate', 'drop_connect_rate'):
+    if field in kwargs and not 0 <= kwargs[field] < 1:
+      raise ValueError(f'{field}={kwargs[field]!r} must be in [0, 1)')
+
+
 def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32,
                  **overrides) -> nn.Module:
   """Builds model `name` (see `model_names()`); `overrides` set any constructor field.
 
   Example: create_model('efficientnet-b0', width=0.25, depth=0.34, num_classes=10) for a tiny variant.
   """
-  _check_name(name)
-  constructor, defaults = _REGISTRY[name]
-  fields = {f.name for f in dataclasses.fields(constructor) if f.init and f.name not in ('parent', 'name')}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f'Unknown override(s) {unknown} for model {name!r}; allowed: {sorted(fields)}')
-  kwargs = {**defaults, **overrides, 'num_classes': num_classes, 'dtype': dtype}
+  check_overrides(name, overrides)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
-  distributions = tuple(kwargs.get('distributions', ('clean', 'adv')))
-  if 'clean' not in distributions or len(set(distributions)) != len(distributions):
-    raise ValueError(f'distributions={distributions!r} must contain \'clean\' and no duplicates')
-  for field in ('width', 'depth'):
-    if field in kwargs and not kwargs[field] > 0:
-      raise ValueError(f'{field} must be > 0, got {kwargs[field]!r}')
-  for field in ('dropout_rate', 'drop_connect_rate'):
-    if field in kwargs and not 0 <= kwargs[field] < 1:
-      raise ValueError(f'{field} must be in [0, 1), got {kwargs[field]!r}')
-  return constructor(**kwargs)
+  constructor, defaults = _REGISTRY[name]
+  return constructor(**{**defaults, **overrides, 'num_classes': num_classes, 'dtype': dtype})

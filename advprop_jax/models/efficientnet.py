@@ -1,7 +1,7 @@
 """EfficientNet B0-B8 / L2 (TF reference architecture), built from the B0 block table and scaling rules.
 
 Every BatchNorm is a `DistributionBatchNorm`, so the same weights serve several input distributions
-(clean, adversarial, ...) with their own normalisation; see ../layers.py.
+(clean, adversarial, ...) with their own normalisation; see batchnorm.py.
 """
 import functools
 import math
@@ -9,9 +9,9 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
 
-from advprop_jax import layers
+from advprop_jax.models import batchnorm
+from advprop_jax.models import conv as conv_lib
 
 
 class StageSpec(NamedTuple):
@@ -69,37 +69,12 @@ def conv_kernel_init():
   return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-class PointwiseConv(nn.Module):
-  """A 1x1 convolution computed as a matmul over the channel axis.
-
-  Same parameters as `nn.Conv(features, (1, 1))` (a 'kernel' [1, 1, in, out], optional 'bias', same
-  initialisers and RNG paths), so checkpoints and converters see no difference. XLA:CPU runs the
-  gradients of a 1x1 `conv_general_dilated` as generic convolutions, 3-10x slower than the equivalent
-  dot on B0 shapes; on GPU/TPU a 1x1 conv becomes the same GEMM either way.
-  """
-  features: int
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
-    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
-    if bias is not None:
-      y = y + bias
-    return y
-
-
 def _conv(features, kernel_size, *, strides=(1, 1), name=None, use_bias=False, dtype=jnp.float32,
           kernel_init=None):
   """nn.Conv, or the equivalent PointwiseConv for an unstrided 1x1 kernel."""
   kernel_init = kernel_init or conv_kernel_init()
   if tuple(kernel_size) == (1, 1) and tuple(strides) == (1, 1):
-    return PointwiseConv(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+    return conv_lib.PointwiseConv(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
   return nn.Conv(features, kernel_size, strides=strides, use_bias=use_bias, dtype=dtype,
                  kernel_init=kernel_init, name=name)
 
@@ -128,7 +103,7 @@ class MBConv(nn.Module):
     hidden = self.in_features * self.expand
     if self.expand != 1:
       x = nn.swish(norm(conv(hidden, (1, 1), name='expand_conv')(x), name='expand_bn'))
-    x = layers.DepthwiseConv(self.kernel, self.stride, dtype=self.dtype,
+    x = conv_lib.DepthwiseConv(self.kernel, self.stride, dtype=self.dtype,
                              implementation=self.depthwise_impl, name='depthwise_conv')(x)
     x = nn.swish(norm(x, name='depthwise_bn'))
 
@@ -141,7 +116,7 @@ class MBConv(nn.Module):
     x = norm(conv(self.out_features, (1, 1), name='project_conv')(x), name='project_bn')
     if self.stride == 1 and self.in_features == self.out_features:
       if self.drop_rate > 0:
-        x = layers.drop_connect(self.drop_rate, deterministic=not train)(x)
+        x = conv_lib.drop_connect(self.drop_rate, deterministic=not train)(x)
       x = x + inputs
     return x
 
@@ -169,10 +144,10 @@ class EfficientNet(nn.Module):
   head_features: int = 1280
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, distribution=layers.CLEAN,
+  def __call__(self, x, *, train: bool = False, distribution=batchnorm.CLEAN,
                from_stage: int = 0, to_stage: Optional[int] = None):
-    layers.check_distribution(distribution, self.distributions)
-    norm = functools.partial(layers.DistributionBatchNorm, distributions=tuple(self.distributions),
+    batchnorm.check_distribution(distribution, self.distributions)
+    norm = functools.partial(batchnorm.DistributionBatchNorm, distributions=tuple(self.distributions),
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              axis_name=self.bn_axis_name, dtype=self.dtype)
     conv = functools.partial(_conv, use_bias=False, dtype=self.dtype)

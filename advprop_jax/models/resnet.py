@@ -2,7 +2,7 @@
 
 v1.5 means the stride of a downsampling bottleneck sits on its 3x3 conv (conv2), not on the first 1x1
 (torchvision / timm `resnet50` etc.; better accuracy than v1 for the same FLOPs). Every BatchNorm is a
-`layers.DistributionBatchNorm`, so one set of conv weights serves several input distributions (AdvProp).
+`batchnorm.DistributionBatchNorm`, so one set of conv weights serves several input distributions (AdvProp).
 
 Names map 1:1 onto a torchvision (or timm) state dict, so weights can be ported mechanically:
 
@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from advprop_jax import layers
+from advprop_jax.models import batchnorm
 
 # Bottleneck blocks per stage (torchvision resnet50/101/152; timm resnet200).
 STAGE_SIZES = {
@@ -116,9 +116,9 @@ class ResNet(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, distribution=layers.CLEAN,
+  def __call__(self, x, *, train: bool = False, distribution=batchnorm.CLEAN,
                from_stage: int = 0, to_stage: Optional[int] = None):
-    layers.check_distribution(distribution, self.distributions)
+    batchnorm.check_distribution(distribution, self.distributions)
     num_stages = len(self.stage_sizes)
     if not 0 <= from_stage <= num_stages:
       raise ValueError(f'from_stage={from_stage} must be in [0, {num_stages}]')
@@ -127,7 +127,7 @@ class ResNet(nn.Module):
     if self.base_width < 1 or not self.stage_sizes or min(self.stage_sizes) < 1:
       raise ValueError(f'base_width={self.base_width}, stage_sizes={self.stage_sizes} must be positive')
 
-    norm = functools.partial(layers.DistributionBatchNorm, distributions=tuple(self.distributions),
+    norm = functools.partial(batchnorm.DistributionBatchNorm, distributions=tuple(self.distributions),
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              axis_name=self.bn_axis_name, dtype=self.dtype)
     x = x.astype(self.dtype)

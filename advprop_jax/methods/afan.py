@@ -22,16 +22,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from advprop_jax import attacks
-from advprop_jax import objectives
 from advprop_jax import optim
-from advprop_jax.layers import CLEAN, stats_collection
+from advprop_jax import validation
+from advprop_jax.methods import base
+from advprop_jax.methods import passes as passes_lib
+from advprop_jax.models import num_feature_stages
+from advprop_jax.models.batchnorm import CLEAN, stats_collection
 
 PONO_EPSILON = 1e-5  # the PONO reference's epsilon
-
-
-def _num_stages(model):
-  stages = getattr(model, 'stages', None) or getattr(model, 'stage_sizes', None)
-  return len(stages) if stages is not None else None
 
 
 def pono_moments(x):
@@ -68,17 +66,20 @@ def perturb_feature(rest_loss, feature, afan_config):
                      clip_min=None, clip_max=None)
 
 
-def build(model, config, passes):
-  """Registered builder: `(params, model_state, batch, rng) -> (grads, new_model_state, metrics)`."""
-  del passes  # A-FAN needs from_stage/to_stage calls, which Passes does not expose
+def validate(config, num_devices: int) -> None:
+  del num_devices
+  num_stages = num_feature_stages(config.model, config.model_overrides)
+  validation.require_number(config, 'afan.stage', low=1, high=num_stages, integer=True)
+  validation.require_number(config, 'afan.num_steps', low=1, integer=True)
+  validation.require_number(config, 'afan.step_size', low=0, low_open=True)
+  validation.require_number(config, 'afan.epsilon', low=0)
+  validation.require_number(config, 'afan.pono_mix', low=0, high=1)
+
+
+def make_loss_fn(model, config):
+  """`(params, model_state, batch, rng) -> (loss, (new_model_state, metrics))` (validated config)."""
   ac = config.afan
-  stage, num_stages = int(ac.stage), _num_stages(model)
-  if stage < 1 or (num_stages is not None and stage > num_stages):
-    raise ValueError(f'config.afan.stage={ac.stage} must be in [1, {num_stages}] (the output of a '
-                     'block stage; stage 0 would be the image)')
-  if int(ac.num_steps) < 1 or not ac.step_size > 0 or ac.epsilon < 0 or not 0 <= ac.pono_mix <= 1:
-    raise ValueError(f'config.afan={ac}: need num_steps >= 1, step_size > 0, epsilon >= 0, '
-                     'pono_mix in [0, 1]')
+  stage = int(ac.stage)
   collection = stats_collection(CLEAN)
 
   def apply(params, model_state, x, rng, *, update_stats, **stages):
@@ -91,7 +92,7 @@ def build(model, config, passes):
     return out, model_state
 
   def ce(logits, labels):
-    return objectives.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
+    return passes_lib.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
 
   def loss_fn(params, model_state, batch, rng):
     x, labels = batch['image'], batch['label']
@@ -107,8 +108,8 @@ def build(model, config, passes):
     feature = lax.stop_gradient(feature)
     frozen = lax.stop_gradient(params)
 
-    def rest_loss(z):  # summed: per-example feature gradients not scaled by 1/n (cf. objectives)
-      return jnp.sum(objectives.cross_entropy(
+    def rest_loss(z):  # summed: per-example feature gradients not scaled by 1/n (as the pixel attacks)
+      return jnp.sum(passes_lib.cross_entropy(
           apply(frozen, model_state, z, attack_rng, update_stats=False, from_stage=stage)[0], labels,
           config.num_classes))
 
@@ -122,15 +123,16 @@ def build(model, config, passes):
     loss = 0.5 * (clean_loss + adv_loss)
     if config.l2_weight:
       loss = loss + config.l2_weight * optim.l2_loss(params)
-    metrics = dict(clean_loss=clean_loss, clean_accuracy=objectives.accuracy(clean_logits, labels),
-                   adv_loss=adv_loss, adv_accuracy=objectives.accuracy(adv_logits, labels),
+    metrics = dict(clean_loss=clean_loss, clean_accuracy=passes_lib.accuracy(clean_logits, labels),
+                   adv_loss=adv_loss, adv_accuracy=passes_lib.accuracy(adv_logits, labels),
                    attack_success=jnp.mean(jnp.argmax(adv_logits, -1) != labels), loss=loss)
     return loss, (new_state, metrics)
 
-  def grad_fn(params, model_state, batch, rng):
-    grads, (model_state, metrics) = jax.grad(loss_fn, has_aux=True)(params, model_state, batch, rng)
-    return grads, model_state, metrics
-  return grad_fn
+  return loss_fn
 
 
-objectives.register_method('afan', build)
+AFAN = base.Method(
+    name='afan', summary='A-FAN: PGD on an intermediate feature, optional PONO mixing, main BN',
+    make_grad_fn=base.grad_fn_of(make_loss_fn), make_loss_fn=make_loss_fn, validate=validate,
+    attacks=lambda config: (base.Attack(CLEAN, int(config.afan.num_steps),
+                                        from_stage=int(config.afan.stage)),))

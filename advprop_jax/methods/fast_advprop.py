@@ -17,7 +17,7 @@ Per device, the shard holds n_clean + n_adv images, n_adv = round(adv_fraction *
      adversarial pass runs with the aux BN, train mode, updating `batch_stats_adv` (weight `adv_weight`).
 Each parameter group's summed gradient is divided by its own weighted sample count (`group_divisors`),
 so shared weights, main BNs and aux BNs all move at the same speed (RECIPE: 320 / 256 / 64 for 256+64).
-The gradient is not the gradient of one scalar loss, hence a builder registered with objectives.
+The gradient is not the gradient of one scalar loss: the method has a grad function and no loss function.
 """
 import jax
 import jax.numpy as jnp
@@ -26,12 +26,12 @@ from flax import traverse_util
 from jax import lax
 
 from advprop_jax import attacks
-from advprop_jax import objectives
 from advprop_jax import optim
 from advprop_jax import parallel
-from advprop_jax.layers import CLEAN, param_suffix
-
-ADV = 'adv'
+from advprop_jax import validation
+from advprop_jax.methods import base
+from advprop_jax.methods import passes as passes_lib
+from advprop_jax.models.batchnorm import ADV, CLEAN, param_suffix
 
 
 def split_sizes(shard_size: int, adv_fraction: float):
@@ -92,7 +92,7 @@ def attack_step(passes, params, model_state, x, labels, rng, *, settings, loss_f
   start_rng, dropout_rng = jax.random.split(rng)
   x0, project = _attack_start(x, start_rng, settings)
 
-  def loss(p, z):  # summed, like objectives' attacks: per-example input gradients not scaled by 1/n
+  def loss(p, z):  # summed, like the PGD attacks' losses: per-example input gradients not scaled by 1/n
     logits, _ = passes(p, model_state, z, distribution=ADV, train=True, rng=dropout_rng,
                        update_stats=False)
     return jnp.sum(loss_fn(logits, labels)), logits
@@ -203,20 +203,52 @@ def shuffle_across_groups(tree, rng, axis_name=parallel.REPLICA_AXIS):
   return jax.tree.map(deal, tree)
 
 
-def build(model, config, passes):
-  """Registered builder: `(params, model_state, batch, rng) -> (grads, new_model_state, metrics)`."""
+def loader_batch_size(config) -> int:
+  """The loader draws global_batch / (1 - adv_fraction) images: global_batch clean + the attack sources."""
+  return int(round(config.global_batch_size / (1.0 - config.fast_advprop.adv_fraction)))
+
+
+def relative_cost(config) -> float:
+  """n_clean clean + n_adv attacked + n_adv adversarial images, all with parameter gradients, against
+  vanilla's n_clean: 1 + 2 f / (1 - f) for adv_fraction f (1.5 at 0.2). Per loader image it is 1 + f."""
+  f = config.fast_advprop.adv_fraction
+  return 1.0 + 2.0 * f / (1.0 - f)
+
+
+def validate(config, num_devices: int) -> None:
+  fa = config.fast_advprop
+  validation.require_number(config, 'fast_advprop.adv_fraction', low=0, high=1, low_open=True,
+                            high_open=True)
+  validation.require_number(config, 'fast_advprop.noise_weight', low=0)
+  validation.require_number(config, 'fast_advprop.adv_weight', low=0)
+  if fa.noise_weight + fa.adv_weight <= 0:
+    raise validation.ConfigError(
+        f'config.fast_advprop.noise_weight={fa.noise_weight} and config.fast_advprop.adv_weight='
+        f'{fa.adv_weight}: at least one must be > 0 (the auxiliary BN would get no samples)')
+  validation.require_number(config, 'attack.epsilon_pixels', low=0, high=255, low_open=True)
+  loader = loader_batch_size(config)
+  if loader % num_devices:
+    raise validation.ConfigError(
+        f'config.global_batch_size={config.global_batch_size} with config.fast_advprop.adv_fraction='
+        f'{fa.adv_fraction} gives a loader batch of {loader}, not divisible by the device count '
+        f'{num_devices}')
+  try:
+    split_sizes(loader // num_devices, fa.adv_fraction)
+  except ValueError as e:
+    raise validation.ConfigError(f'config.global_batch_size={config.global_batch_size}, '
+                                 f'config.fast_advprop.adv_fraction={fa.adv_fraction}: {e}') from e
+
+
+def make_grad_fn(model, config):
+  """`(params, model_state, batch, rng) -> (grads, new_model_state, metrics)` (validated config)."""
   fa = config.fast_advprop
   noise_w, adv_w = float(fa.noise_weight), float(fa.adv_weight)
-  if noise_w < 0 or adv_w < 0 or noise_w + adv_w <= 0:
-    raise ValueError(f'fast_advprop: noise_weight={noise_w}, adv_weight={adv_w} must be >= 0 with a '
-                     'positive sum (the aux BN group would have no samples)')
-  if ADV not in tuple(model.distributions):
-    raise ValueError(f'fast_advprop needs a model with an {ADV!r} BN distribution')
-  settings = objectives.attack_settings(config.attack, config.data.normalization)
+  passes = passes_lib.Passes(model)
+  settings = passes_lib.attack_settings(config.attack, config.data.normalization)
   settings.update(step_size=settings['epsilon'], num_steps=1, targeted=False)
 
   def loss_fn(logits, labels):  # the training loss: its parameter gradient is reused for training
-    return objectives.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
+    return passes_lib.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
 
   def grad_fn(params, model_state, batch, rng):
     labels = batch['label']
@@ -244,14 +276,18 @@ def build(model, config, passes):
       grads = jax.tree.map(lambda g, r: g + config.l2_weight * r, grads, l2_grads)
       loss = loss + config.l2_weight * l2
     metrics = dict(
-        clean_loss=clean_sum / n_clean, clean_accuracy=objectives.accuracy(clean_logits, labels[:n_clean]),
-        adv_loss=adv_sum / n_adv, adv_accuracy=objectives.accuracy(adv_logits, adv_labels),
+        clean_loss=clean_sum / n_clean, clean_accuracy=passes_lib.accuracy(clean_logits, labels[:n_clean]),
+        adv_loss=adv_sum / n_adv, adv_accuracy=passes_lib.accuracy(adv_logits, adv_labels),
         attack_success=jnp.mean(jnp.argmax(adv_logits, -1) != adv_labels),
         noise_loss=noise_sum / n_adv,
-        noise_accuracy=objectives.accuracy(noise_logits, labels[n_clean:]),
+        noise_accuracy=passes_lib.accuracy(noise_logits, labels[n_clean:]),
         loss=loss)
     return grads, model_state, metrics
   return grad_fn
 
 
-objectives.register_method('fast_advprop', build)
+FAST_ADVPROP = base.Method(
+    name='fast_advprop', summary='Mei et al. 2022: 80 % clean / 20 % other images attacked with one '
+    'step, the attack gradient reused, per-group gradient normalisation',
+    make_grad_fn=make_grad_fn, distributions=lambda config: (CLEAN, ADV),
+    loader_batch_size=loader_batch_size, validate=validate, relative_cost=relative_cost)

@@ -1,0 +1,43 @@
+"""Pixels (0..255) <-> model inputs, for each input normalisation. TF-free: configs, attacks and export use it.
+
+'minus_one_one' is AdvProp's convention (x = p * 2/255 - 1); 'imagenet' the torchvision/timm mean/std one
+(x = (p - mean) / std per channel), used by the ResNet recipe and timm ResNet weights.
+"""
+import numpy as np
+
+NORMALIZATIONS = ('minus_one_one', 'imagenet')
+# Per-channel ImageNet mean/std in pixels (0..255), for normalization='imagenet'.
+IMAGENET_MEAN_PIXELS = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_PIXELS = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def _check(normalization: str):
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'normalization={normalization!r}; allowed: {NORMALIZATIONS}')
+
+
+def pixels_to_input_units(pixels, normalization: str = 'minus_one_one'):
+  """A perturbation of `pixels` (0..255 scale) in model-input units (per channel for 'imagenet').
+
+  The one place where attack sizes given in pixels (configs) become input units."""
+  _check(normalization)
+  if normalization == 'minus_one_one':
+    return pixels * 2.0 / 255.0
+  return pixels / np.asarray(IMAGENET_STD_PIXELS, np.float32)
+
+
+def input_range(normalization: str = 'minus_one_one'):
+  """(min, max) of valid model inputs: the images of pixel values 0 and 255 (per channel for 'imagenet')."""
+  _check(normalization)
+  if normalization == 'minus_one_one':
+    return -1.0, 1.0
+  mean, std = np.asarray(IMAGENET_MEAN_PIXELS, np.float32), np.asarray(IMAGENET_STD_PIXELS, np.float32)
+  return -mean / std, (255.0 - mean) / std
+
+
+def mean_std_pixels(normalization: str = 'minus_one_one'):
+  """(mean, std) in pixels with x = (p - mean) / std: the timm/torchvision form of the normalisation."""
+  _check(normalization)
+  if normalization == 'minus_one_one':
+    return (127.5,) * 3, (127.5,) * 3
+  return IMAGENET_MEAN_PIXELS, IMAGENET_STD_PIXELS

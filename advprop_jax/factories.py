@@ -1,0 +1,85 @@
+"""Config -> the objects of a run: the model (with its method's BN distributions), the optimizer and its
+schedule, the loader batch, the checkpoint fingerprint. TF-free: `plan`, the benchmarks, `evaluate` and
+the training loop all build from here.
+"""
+import json
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from advprop_jax import config as config_lib
+from advprop_jax import methods
+from advprop_jax import optim
+from advprop_jax import validation
+from advprop_jax.models import create_model
+from advprop_jax.models.conv import resolve_depthwise_impl
+
+# Config fields a checkpoint must agree on to be resumed (anything else may change on resume).
+FINGERPRINT_FIELDS = ('model', 'model_overrides', 'method', 'num_classes', 'data.image_size',
+                      'optimizer', 'fine_grained_epsilons_pixels')
+
+
+def activation_dtype(config):
+  return jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32
+
+
+def build_model(config, *, platform=None, **extra):
+  """The config's model with its method's BN distributions. `platform`: the backend the program will be
+  compiled for when that is not this host's (ahead-of-time TPU compilation from a CPU host), so that
+  backend-dependent kernels ('auto' depthwise convolutions) are chosen for it."""
+  overrides = config_lib.set_overrides(config)
+  overrides.update(extra)
+  overrides.setdefault('distributions', methods.get(config.method).distributions(config))
+  model = create_model(config.model, num_classes=config.num_classes, dtype=activation_dtype(config),
+                       **overrides)
+  if platform is not None and hasattr(model, 'depthwise_impl'):
+    model = model.clone(depthwise_impl=resolve_depthwise_impl(model.depthwise_impl, platform))
+  return model
+
+
+def loader_batch_size(config) -> int:
+  """Images drawn from the loader per step (Fast AdvProp draws more than global_batch_size)."""
+  return methods.get(config.method).loader_batch_size(config)
+
+
+class Schedule(NamedTuple):
+  steps_per_epoch: int  # optimizer steps per pass over the training split (loader batches)
+  total_steps: int  # steps of the whole run (config.max_steps caps it)
+  eval_every_steps: int
+
+
+def schedule(config, num_train_examples: int) -> Schedule:
+  """Epochs -> steps for a training split of `num_train_examples` images."""
+  steps_per_epoch = max(1, num_train_examples // loader_batch_size(config))
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  if config.max_steps is not None:
+    total_steps = min(total_steps, config.max_steps)
+  return Schedule(steps_per_epoch, total_steps,
+                  max(1, int(config.eval_every_epochs * steps_per_epoch)))
+
+
+def build_optimizer(config, steps_per_epoch):
+  """(optax transformation, learning-rate function of the step) of the config's recipe."""
+  base_lr = config.base_learning_rate * config.global_batch_size / 256
+  lr_fn = optim.learning_rate_schedule(
+      base_lr=base_lr, steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs,
+      warmup_epochs=config.warmup_epochs, schedule=config.lr_schedule,
+      decay_epochs=config.lr_decay_epochs, decay_rate=config.lr_decay_rate,
+      boundaries_epochs=tuple(config.lr_boundaries_epochs))
+  tx = optim.create_optimizer(config.optimizer, lr_fn, momentum=config.momentum,
+                              rmsprop_decay=config.rmsprop_decay,
+                              rmsprop_epsilon=config.rmsprop_epsilon, nesterov=config.nesterov,
+                              weight_decay=config.weight_decay)
+  return tx, lr_fn
+
+
+def _plain(value):
+  value = value.to_dict() if hasattr(value, 'to_dict') else value
+  return json.loads(json.dumps(value, default=list))
+
+
+def fingerprint(config) -> dict:
+  """The config fields a checkpoint must agree on, JSON-able; unset model overrides are left out."""
+  out = {f: _plain(validation.get(config, f)) for f in FINGERPRINT_FIELDS}
+  out['model_overrides'] = {k: v for k, v in out['model_overrides'].items() if v is not None}
+  return out

@@ -1,2 +1,0 @@
-"""See benchmarks/stubs/tensorflow."""
-from benchmarks.stubs.tensorflow import __getattr__  # noqa: F401
