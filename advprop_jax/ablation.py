@@ -28,19 +28,19 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 from matplotlib.figure import Figure  # no pyplot: files only, no GUI backend or global figure state
 import ml_collections
 import numpy as np
 
+from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import factories
 from advprop_jax import methods
 from advprop_jax import trainer
 from advprop_jax.data import input_pipeline
-from advprop_jax.eval import workdir as eval_workdir
+from advprop_jax.eval import saved_run
 
 ALL_METHODS = tuple(methods.METHODS)
 EVAL_PGD_EPS = 4.0
@@ -128,7 +128,7 @@ def run_one(config, run_dir) -> dict:
   if os.path.exists(timing_path):
     with open(timing_path) as f:
       timing = json.load(f)
-  _, results = eval_workdir.evaluate_workdir(run_dir, config, names=['clean', 'corruptions'],
+  _, results = saved_run.evaluate_workdir(run_dir, config, names=['clean', 'corruptions'],
                                          output=os.path.join(run_dir, 'eval'), ema=True)
   out = dict(clean=100 * final['ema_clean_top1'], pgd=100 * final[f'ema_pgd{EVAL_PGD_EPS:g}_top1'],
              corruptions=100 * (1.0 - results['corruptions']['mean_corruption_error']),
@@ -241,25 +241,20 @@ def define_flags():
   flags.DEFINE_bool('quick', False, 'Tiny model, 16 px, few steps (tests).')
 
 
-def _usage_error(message):
-  print(f'advprop_jax.ablation: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    _usage_error(f'unexpected arguments {argv[1:]}')
+    cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
   unknown = [m for m in FLAGS.methods if m not in ALL_METHODS]
   if unknown or not FLAGS.methods:
-    _usage_error(f'--methods={",".join(FLAGS.methods)}: unknown {unknown}; choose from {list(ALL_METHODS)}')
+    cli.fail(f'--methods={",".join(FLAGS.methods)}: unknown {unknown}; choose from {list(ALL_METHODS)}')
   try:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
     seeds = []
   if not seeds:
-    _usage_error(f'--seeds={",".join(FLAGS.seeds)!r}: a comma-separated list of integers, e.g. 0,1,2')
+    cli.fail(f'--seeds={",".join(FLAGS.seeds)!r}: a comma-separated list of integers, e.g. 0,1,2')
   if not os.path.isfile(FLAGS.config):
-    _usage_error(f'--config={FLAGS.config}: no such file')
+    cli.fail(f'--config={FLAGS.config}: no such file')
   steps = FLAGS.steps if FLAGS.steps is not None else (4 if FLAGS.quick and FLAGS.epochs is None
                                                        else None)
   logging.getLogger().setLevel(logging.INFO)
@@ -278,8 +273,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  define_flags()
-  app.run(main)
+  cli.run(define_flags, main)
 
 
 if __name__ == '__main__':

@@ -11,21 +11,33 @@ On-disk layout (one orbax CheckpointManager rooted at `<workdir>/checkpoints`)::
 Orbax writes a step into the tmp directory and renames it when complete (on GCS: a commit_success.txt
 file instead), so a half-written step is never listed; we additionally require _CHECKPOINT_METADATA.
 The fingerprint is stored in every step and compared before any array is read: resuming a run with
-another model/method/... raises CheckpointMismatchError and leaves the workdir untouched.
+another model/method/... raises CheckpointMismatchError and leaves the workdir untouched; so does a
+changed training schedule (batch, LR, epochs, seed: `schedule_fields`) unless the caller allows it.
+
+A newest checkpoint that cannot be read (truncated or corrupted files) is renamed
+`<step>.unreadable-<time>` with a warning naming the step and the reason (kept for inspection, no longer
+listed), and the next older one is restored: a damaged save costs the steps since the previous one.
 
 Preemption: orbax's preemption sync point (jax.distributed's preemption service, which itself listens
-to SIGTERM on multi-host jobs) and, in single-process jobs, our own SIGTERM handler that only sets a
-flag. Either makes the next `should_save(step)` True; the loop then saves and exits.
+to SIGTERM on multi-host jobs) and, in single-process jobs, our own SIGTERM and SIGINT (Ctrl-C) handlers
+that only set a flag. Either makes the next `should_save(step)` True; the loop then saves and exits. A
+second Ctrl-C stops at once (KeyboardInterrupt).
+
+A save that fails (disk full, lost permission) raises CheckpointWriteError with one line naming the step,
+the directory and the reason; the checkpoints already complete stay as they are.
 """
 import atexit
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
 import threading
+import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -38,6 +50,24 @@ _TMP_MARKER = '.orbax-checkpoint-tmp'
 
 class CheckpointMismatchError(ValueError):
   """The workdir's checkpoint was written by a run with a different configuration."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (the message names the step, the directory and the reason)."""
+
+
+class _QuietOrbax:
+  """Silences orbax's own error logs (and their tracebacks) while a failure is handled here instead."""
+
+  def __enter__(self):
+    self._loggers = [logging.getLogger(n) for n in ('absl', 'orbax')]
+    self._levels = [lg.level for lg in self._loggers]
+    for lg in self._loggers:
+      lg.setLevel(logging.CRITICAL)
+
+  def __exit__(self, *exc):
+    for lg, level in zip(self._loggers, self._levels):
+      lg.setLevel(level)
 
 
 def _jsonable(d: dict) -> dict:
@@ -77,30 +107,37 @@ class Checkpointer:
   """Saves/restores the TrainState under `<workdir>/checkpoints`. Every process must call every method."""
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int, config_fingerprint: dict,
-               async_save: bool = True):
+               async_save: bool = True, schedule_fields=(), allow_schedule_change: bool = False):
     if every_steps <= 0 or keep <= 0:
       raise ValueError(f'every_steps ({every_steps}) and keep ({keep}) must be positive')
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.every_steps = every_steps
     self.fingerprint = _jsonable(config_fingerprint)
+    self.schedule_fields = tuple(schedule_fields)
+    self.allow_schedule_change = allow_schedule_change
     self._manager = _manager(self.directory, keep=keep, async_save=async_save)
     self._sigterm = False
     self._orbax_preempted = False
     self._cleaned_tmp = False
     self._closed = False
-    self._previous_handler = None
+    self._previous_handlers = {}
     # Multi-host: jax's preemption service owns SIGTERM (it syncs the save step across hosts);
     # replacing its handler would make hosts disagree on when to save.
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
     # A save still in flight at a normal exit must complete. atexit is too late: by then
     # concurrent.futures refuses new work and orbax's async save fails (leaving only a tmp dir), so hook
     # into the interpreter's pre-thread-join shutdown, where concurrent.futures itself hooks (LIFO).
     register = getattr(threading, '_register_atexit', atexit.register)
     register(self._close_at_exit)
 
-  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
     self._sigterm = True  # only a flag: the training loop saves at the next step and exits
+    if signum == signal.SIGINT:
+      logging.warning('Interrupted: saving a checkpoint after this step, then exiting (Ctrl-C again '
+                      'to stop at once, losing the steps since the last checkpoint).')
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def _close_at_exit(self):
     if not self._closed:
@@ -129,11 +166,26 @@ class Checkpointer:
       self._manager.delete(step)  # an incomplete directory in the way of this save
     if not self._cleaned_tmp:
       self._cleanup_stale_tmp()
-    return self._manager.save(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state),
-        _EXTRA: ocp.args.JsonSave(_jsonable(extra)),
-        _FINGERPRINT: ocp.args.JsonSave(self.fingerprint),
-    }), force=True)
+    with self._write_errors(f'checkpoint step {step}'):
+      return self._manager.save(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardSave(state),
+          _EXTRA: ocp.args.JsonSave(_jsonable(extra)),
+          _FINGERPRINT: ocp.args.JsonSave(self.fingerprint),
+      }), force=True)
+
+  @contextlib.contextmanager
+  def _write_errors(self, what: str):
+    """Turns a failing save (here or, for async saves, when it is next waited on) into one error."""
+    try:
+      yield
+    except (KeyboardInterrupt, CheckpointWriteError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (any failure of the write: one message)
+      done = _complete_steps(self._manager)
+      raise CheckpointWriteError(
+          f'Saving {what} to {self.directory} failed: {type(e).__name__}: {_first_line(e)}. The newest '
+          f'complete checkpoint is {f"step {done[0]}" if done else "none"}; fix the cause (e.g. free disk '
+          'space) and rerun the same command to resume from it.') from None
 
   def _cleanup_stale_tmp(self):
     """Removes tmp dirs of saves killed mid-write by an earlier run (nothing of ours is in flight)."""
@@ -145,28 +197,57 @@ class Checkpointer:
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore_latest(self, abstract_state, mesh):
-    """(state, extra) from the newest complete checkpoint, replicated on `mesh`; (None, {}) if none."""
-    self._manager.wait_until_finished()
-    steps = _complete_steps(self._manager)
-    if not steps:
-      return None, {}
-    step = steps[0]
-    saved = self._manager.restore(step, args=ocp.args.Composite(
-        **{_FINGERPRINT: ocp.args.JsonRestore()}))[_FINGERPRINT]
-    _check_fingerprint(saved, self.fingerprint, os.path.join(self.directory, str(step)))
+    """(state, extra) from the newest checkpoint that restores, replicated on `mesh`; (None, {}) if none.
+
+    Raises CheckpointMismatchError (nothing modified) when the newest checkpoint was written by a run with
+    another configuration. Unreadable checkpoints are set aside with a warning (see the module doc).
+    """
+    self.wait()
     sharding = NamedSharding(mesh, P())
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(target),
-        _EXTRA: ocp.args.JsonRestore(),
-    }))
-    logging.info('Restored checkpoint step %d from %s', step, self.directory)
-    return restored[_STATE], dict(restored[_EXTRA] or {})
+    for step in _complete_steps(self._manager):
+      where = os.path.join(self.directory, str(step))
+      try:
+        with _QuietOrbax():
+          saved = self._manager.restore(step, args=ocp.args.Composite(
+              **{_FINGERPRINT: ocp.args.JsonRestore()}))[_FINGERPRINT]
+      except Exception as e:  # pylint: disable=broad-except  (any unreadable file: set it aside)
+        self._set_aside(step, e)
+        continue
+      _check_fingerprint(saved, self.fingerprint, where, self.schedule_fields,
+                         self.allow_schedule_change)
+      try:
+        with _QuietOrbax():
+          restored = self._manager.restore(step, args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardRestore(target),
+              _EXTRA: ocp.args.JsonRestore(),
+          }))
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      logging.info('Restored checkpoint step %d from %s', step, self.directory)
+      return restored[_STATE], dict(restored[_EXTRA] or {})
+    return None, {}
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Renames an unreadable step directory so that it is kept but no longer listed (every process
+    calls this: process 0 renames, the others wait for it)."""
+    path = os.path.join(self.directory, str(step))
+    aside = f'{path}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+    logging.warning('Checkpoint step %d in %s cannot be restored (%s: %s); it is kept as %s and the '
+                    'previous checkpoint is tried.', step, self.directory, type(error).__name__,
+                    _first_line(error), os.path.basename(aside))
+    if jax.process_index() == 0:
+      os.rename(path, aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'advprop_jax set aside checkpoint {step}')
+    self._manager.reload()
 
   def wait(self):
-    """Blocks until in-flight async saves are committed."""
-    self._manager.wait_until_finished()
+    """Blocks until in-flight async saves are committed (CheckpointWriteError if one failed)."""
+    with self._write_errors('the checkpoint in flight'):
+      self._manager.wait_until_finished()
 
   def close(self):
     """Finishes in-flight saves, closes the manager and restores the previous SIGTERM handler."""
@@ -174,11 +255,12 @@ class Checkpointer:
       return
     self._closed = True
     try:
-      self._manager.close()
+      with self._write_errors('the checkpoint in flight'):
+        self._manager.close()
     finally:
-      if self._previous_handler is not None:
-        signal.signal(signal.SIGTERM, self._previous_handler)
-        self._previous_handler = None
+      for sig, handler in self._previous_handlers.items():
+        signal.signal(sig, handler)
+      self._previous_handlers = {}
 
   def __enter__(self):
     return self
@@ -197,16 +279,36 @@ def _without_unset_overrides(fingerprint: dict) -> dict:
   return fingerprint
 
 
-def _check_fingerprint(saved: dict, current: dict, where: str):
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_fingerprint(saved: dict, current: dict, where: str, schedule_fields=(),
+                       allow_schedule_change: bool = False):
+  """CheckpointMismatchError naming the fields where the saved run and this one differ.
+
+  Schedule fields are compared only when the checkpoint recorded them (older runs did not) and the
+  caller does not allow the schedule to change.
+  """
   saved, current = _without_unset_overrides(saved), _without_unset_overrides(current)
-  keys = sorted(k for k in set(saved) | set(current) if saved.get(k, '<absent>') != current.get(k, '<absent>'))
+  absent = '<absent>'
+  differs = lambda k: saved.get(k, absent) != current.get(k, absent)
+  keys = sorted(k for k in set(saved) | set(current) if k not in schedule_fields and differs(k))
+  describe = lambda ks: '; '.join(f'{k}: saved {saved.get(k, absent)!r} vs current '
+                                  f'{current.get(k, absent)!r}' for k in ks)
   if keys:
-    diffs = '; '.join(f'{k}: saved {saved.get(k, "<absent>")!r} vs current {current.get(k, "<absent>")!r}'
-                      for k in keys)
     raise CheckpointMismatchError(
-        f'The checkpoint {where} was written by a run with a different configuration ({diffs}). '
+        f'The checkpoint {where} was written by a run with a different configuration ({describe(keys)}). '
         f'Resuming it with this configuration would be wrong; nothing was modified. Use a new --workdir '
         f'for this configuration, or rerun with the original settings to resume that run.')
+  schedule = sorted(k for k in schedule_fields if k in saved and differs(k))
+  if schedule and not allow_schedule_change:
+    raise CheckpointMismatchError(
+        f'The checkpoint {where} was written by a run with another training schedule '
+        f'({describe(schedule)}); resuming would continue that run under a different schedule. Nothing was '
+        'modified. Use a new --workdir, rerun with the original settings, or pass '
+        '--allow_schedule_change to continue this run with the new schedule.')
 
 
 def load_inference_variables(workdir: str, *, ema: bool = True):

@@ -9,15 +9,13 @@ clean, pgd, corruptions; ImageNet: all); config.evaluate.<name>.<key> overrides 
 is not prepared makes its evaluator 'skipped' (with the reason); the others still run. Writes
 OUTPUT/eval_metrics.json, report.md, pgd_accuracy.png, corruption_error.png.
 """
-import sys
-
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from advprop_jax import cli
 from advprop_jax.data import input_pipeline
 from advprop_jax.eval import evaluators
-from advprop_jax.eval import workdir
+from advprop_jax.eval import saved_run
 
 
 FLAGS = flags.FLAGS
@@ -36,23 +34,23 @@ def define_flags():
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
   input_pipeline.keep_tf_off_accelerators()
   try:
-    _, results = workdir.evaluate_workdir(FLAGS.workdir, FLAGS.config, names=FLAGS.evaluators,
-                                          output=FLAGS.output, ema=FLAGS.ema,
-                                          stylized_dir=FLAGS.stylized_dir)
+    _, results = saved_run.evaluate_workdir(FLAGS.workdir, FLAGS.config, names=FLAGS.evaluators,
+                                            output=FLAGS.output, ema=FLAGS.ema,
+                                            stylized_dir=FLAGS.stylized_dir)
   except (FileNotFoundError, ValueError) as e:
-    print(f'Error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'Error: {e}')
   print('\n'.join(f'{n}: ' + (f'top1={r["top1"]:.4f}' if 'top1' in r else r.get('reason', r['status']))
                   for n, r in results.items()))
+  if all(r['status'] != 'ok' for r in results.values()):
+    cli.fail('Every requested evaluator was skipped (reasons above); nothing was evaluated.', code=1)
 
 
 def run():
   """Console-script entry point."""
-  define_flags()
-  app.run(main)
+  cli.run(define_flags, main)
 
 
 if __name__ == '__main__':

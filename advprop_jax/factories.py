@@ -17,6 +17,10 @@ from advprop_jax.models.conv import resolve_depthwise_impl
 # Config fields a checkpoint must agree on to be resumed (anything else may change on resume).
 FINGERPRINT_FIELDS = ('model', 'model_overrides', 'method', 'num_classes', 'data.image_size',
                       'optimizer', 'fine_grained_epsilons_pixels')
+# The training schedule: changing one of these and resuming would silently continue the run under another
+# schedule (and data order), so it is refused unless explicitly allowed (main.py --allow_schedule_change).
+SCHEDULE_FIELDS = ('global_batch_size', 'base_learning_rate', 'num_epochs', 'warmup_epochs',
+                   'lr_schedule', 'lr_decay_epochs', 'lr_decay_rate', 'lr_boundaries_epochs', 'seed')
 
 
 def activation_dtype(config):
@@ -79,7 +83,8 @@ def _plain(value):
 
 
 def fingerprint(config) -> dict:
-  """The config fields a checkpoint must agree on, JSON-able; unset model overrides are left out."""
-  out = {f: _plain(validation.get(config, f)) for f in FINGERPRINT_FIELDS}
+  """The config fields a checkpoint records (FINGERPRINT_FIELDS + SCHEDULE_FIELDS), JSON-able; unset model
+  overrides are left out."""
+  out = {f: _plain(validation.get(config, f)) for f in FINGERPRINT_FIELDS + SCHEDULE_FIELDS}
   out['model_overrides'] = {k: v for k, v in out['model_overrides'].items() if v is not None}
   return out

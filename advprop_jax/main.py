@@ -1,21 +1,27 @@
 """Command line: `python -m advprop_jax.main --config=configs/efficientnet.py:b0 --workdir=DIR`.
 
 Any config field can be overridden, e.g. `--config.method=vanilla --config.global_batch_size=1024`.
-Training resumes automatically from the newest checkpoint in DIR. Bad config values exit with code 2
-and a message naming the field, before anything is compiled or written.
+Training resumes automatically from the newest checkpoint in DIR; Ctrl-C or SIGTERM saves a checkpoint
+and exits. Bad flags and config values exit with code 2 and one line naming the field, before anything
+is compiled or written.
+
+Multi-host: on TPU VMs every process finds the others itself (`--distributed=auto`). Elsewhere start one
+process per host (or several on one machine, `python -m advprop_jax.launch_local`) with
+`--distributed=yes --coordinator_address=HOST:PORT --num_processes=N --process_id=I`; SLURM and Open MPI
+jobs need only `--distributed=yes`.
 """
 import logging
 import os
-import sys
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
 from advprop_jax import checkpoints
+from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import trainer
+from advprop_jax import workdir as workdir_lib
 from advprop_jax.data import input_pipeline
 
 FLAGS = flags.FLAGS
@@ -28,51 +34,68 @@ def define_flags():
   flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints and metrics.')
   flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
                     'Call jax.distributed.initialize(): auto = on multi-host TPU VMs.')
+  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (with --distributed=yes; '
+                      'unset: detected on TPU VMs, SLURM, Open MPI).')
+  flags.DEFINE_integer('num_processes', None, 'Processes of the job (with --coordinator_address).')
+  flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
+  flags.DEFINE_integer('heartbeat_timeout_seconds', 100, 'Multi-host: a process that stops answering '
+                       'for this long ends the job (with an error on every other process).')
+  flags.DEFINE_bool('allow_schedule_change', False, 'Resume a run whose checkpoint was written with '
+                    'another batch size / learning rate / epochs / seed (refused otherwise).')
   flags.mark_flags_as_required(['config', 'workdir'])
-
-
-class _QuietLibraries(logging.Filter):
-  """Drops INFO chatter of orbax / tfds (every save is logged ~20 times); warnings still pass."""
-
-  def filter(self, record):
-    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
-    return record.levelno >= logging.WARNING or not noisy
 
 
 def _multihost_tpu() -> bool:
   return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
 
 
+def _initialize_distributed():
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in explicit):
+    if FLAGS.distributed != 'yes':
+      cli.fail('--coordinator_address/--num_processes/--process_id need --distributed=yes')
+    if any(v is None for v in explicit):
+      cli.fail('--coordinator_address, --num_processes and --process_id go together (or none of them: '
+               'detected on TPU VMs, SLURM, Open MPI)')
+    if not (FLAGS.num_processes >= 1 and 0 <= FLAGS.process_id < FLAGS.num_processes):
+      cli.fail(f'--process_id={FLAGS.process_id} must be in [0, --num_processes={FLAGS.num_processes})')
+  if FLAGS.distributed == 'yes' or (FLAGS.distributed == 'auto' and _multihost_tpu()):
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
-    handler.addFilter(_QuietLibraries())
+    cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
   input_pipeline.keep_tf_off_accelerators()
-  if FLAGS.distributed == 'yes' or (FLAGS.distributed == 'auto' and _multihost_tpu()):
-    jax.distributed.initialize()
+  _initialize_distributed()
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    final = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    final = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                       allow_schedule_change=FLAGS.allow_schedule_change)
   except config_lib.ConfigError as e:
-    print(f'Config error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except checkpoints.CheckpointMismatchError as e:
-    print(f'Checkpoint error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'Config error: {e}')
+  except (checkpoints.CheckpointMismatchError, workdir_lib.WorkdirError) as e:
+    cli.fail(f'Workdir error: {e}')
+  except checkpoints.CheckpointWriteError as e:
+    cli.fail(f'Checkpoint error: {e}', code=1)
   except trainer.NonFiniteLossError as e:
-    print(f'Training stopped: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(f'Training stopped: {e}', code=1)
+  except KeyboardInterrupt:
+    cli.fail('Interrupted twice: stopped without saving; rerun to resume from the last checkpoint.',
+             code=130)
   if jax.process_index() == 0 and 'preempted_at_step' not in final:
+    if final.get('already_finished'):
+      print(f'This run already finished (step {final["step"]}); its final metrics:')
     print(trainer.format_final_table(FLAGS.config, final))
 
 
 def run():
   """Console-script entry point."""
-  define_flags()
-  app.run(main)
+  cli.run(define_flags, main)
 
 
 if __name__ == '__main__':

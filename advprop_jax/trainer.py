@@ -1,5 +1,4 @@
 """The training loop: data, state, resume, steps, metrics, periodic evaluation and checkpoints."""
-import json
 import logging
 import time
 
@@ -7,13 +6,13 @@ import jax
 import numpy as np
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
 
 from advprop_jax import checkpoints
 from advprop_jax import config as config_lib
 from advprop_jax import factories
 from advprop_jax import parallel
 from advprop_jax import step as step_lib
+from advprop_jax import workdir as workdir_lib
 from advprop_jax.data import input_pipeline
 from advprop_jax.eval import evaluators
 
@@ -36,60 +35,103 @@ def _check_finite(history):
           'step) is kept: lower the learning rate or fix the data and rerun to resume from it.')
 
 
-def train_and_evaluate(config, workdir: str, *, step_hooks=()) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
-
-  step_hooks: callables `hook(step, state, metrics)` run after every step (e.g. timing: the ablation
-  blocks on the outputs and records the time).
-  """
-  jax.config.update('jax_default_prng_impl', config.prng_impl)
-  config_lib.validate(config, jax.device_count(), jax.process_count())
-  mesh = parallel.create_mesh(config.bn_group_size)
-  try:  # also checks that the dataset exists, before the workdir is touched
+def _num_train_examples(config) -> int:
+  """The training split's size; a ConfigError (before anything is written) if the data cannot work."""
+  try:
     num_train = input_pipeline.num_examples(config.data, config.data.train_split)
+    dataset_classes = input_pipeline.num_classes(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f'config.data (dataset={config.data.dataset!r}, '
                                  f'data_dir={config.data.data_dir!r}): {e}') from e
-  schedule = factories.schedule(config, num_train)
-  total_steps = schedule.total_steps
-  loader_batch = factories.loader_batch_size(config)
+  if dataset_classes > config.num_classes:
+    raise config_lib.ConfigError(f'config.num_classes={config.num_classes} is smaller than the '
+                                 f'{dataset_classes} classes of dataset {config.data.dataset!r}')
+  return num_train
+
+
+def _summary_writer(workdir):
+  """TensorBoard summaries from process 0 (the console gets one progress line per interval instead)."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s' if m else f'{s}s'
+
+
+def _progress_line(step, total_steps, means, images_per_sec, seconds_per_step) -> str:
+  accuracy = ''.join(f' | {name} acc {means[f"train/{key}"]:.3f}'
+                     for name, key in (('clean', 'clean_accuracy'), ('adv', 'adv_accuracy'))
+                     if f'train/{key}' in means)
+  return (f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | loss {means["train/loss"]:.4f}'
+          f'{accuracy} | {images_per_sec:.1f} img/s | ETA {_duration((total_steps - step) * seconds_per_step)}')
+
+
+def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_change=False) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
+
+  step_hooks: callables `hook(step, state, metrics)` run after every step (e.g. timing: the ablation
+  blocks on the outputs and records the time). allow_schedule_change: resume a run whose checkpoint was
+  written with another batch size / LR / epochs / seed (refused otherwise, nothing modified). A finished
+  run is not trained or evaluated again: its stored final metrics are returned ('already_finished').
+  """
+  jax.config.update('jax_default_prng_impl', config.prng_impl)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  workdir_lib.check_writable(workdir)
+  mesh = parallel.create_mesh(config.bn_group_size)
+  schedule = factories.schedule(config, _num_train_examples(config))
   model = factories.build_model(config)
   tx, lr_fn = factories.build_optimizer(config, schedule.steps_per_epoch)
-  logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%d per epoch)',
-               jax.process_count(), jax.device_count(), dict(mesh.shape), total_steps,
-               loader_batch, schedule.steps_per_epoch)
+  logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%s per epoch)',
+               jax.process_count(), jax.device_count(), dict(mesh.shape), schedule.total_steps,
+               factories.loader_batch_size(config), schedule.steps_per_epoch)
+  with workdir_lib.Lock(workdir):
+    checkpointer = checkpoints.Checkpointer(
+        workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
+        config_fingerprint=factories.fingerprint(config), schedule_fields=factories.SCHEDULE_FIELDS,
+        allow_schedule_change=allow_schedule_change)
+    try:
+      return _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step_hooks)
+    finally:
+      checkpointer.close()
 
-  checkpointer = checkpoints.Checkpointer(
-      workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
-      config_fingerprint=factories.fingerprint(config))
-  init_rng = jax.random.PRNGKey(config.seed)
+
+def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step_hooks) -> dict:
+  total_steps = schedule.total_steps
   state, _ = checkpointer.restore_latest(
       step_lib.abstract_train_state(model, tx, config.data.image_size, mesh), mesh)
+  finished = workdir_lib.read_final_metrics(workdir)
+  if state is not None and int(state.step) >= total_steps and finished is not None and \
+      finished.get('step') == int(state.step):
+    logging.info('The run in %s finished at step %d; its final metrics are kept as they are '
+                 '(python -m advprop_jax.evaluate evaluates it again).', workdir, int(state.step))
+    return dict(finished, already_finished=True)
   if state is None:
-    state = step_lib.create_train_state(model, tx, init_rng, config.data.image_size, mesh)
+    state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
+                                        config.data.image_size, mesh)
   start_step = int(state.step)
-  if jax.process_index() == 0:
-    _write_run_config(config, workdir)
+  workdir_lib.write_run_config(config, workdir)
   logging.info('Starting at step %d%s', start_step, ' (resumed)' if start_step else '')
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = _summary_writer(workdir)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
   train_step = step_lib.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
   eval_context = evaluators.Context(config, model, mesh)
+  loader_batch = factories.loader_batch_size(config)
   batches = input_pipeline.global_batches(
       input_pipeline.train_dataset(config.data, per_process_batch_size=loader_batch // jax.process_count(),
                                    seed=config.seed, start_step=start_step),
       parallel.batch_sharding(mesh))
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
-  hooks = [report]
+  profile = None
   if config.profile_steps and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(logdir=workdir, first_profile=config.profile_steps[0],
-                                          num_profile_steps=config.profile_steps[1] -
-                                          config.profile_steps[0]))
+    profile = periodic_actions.Profile(logdir=workdir, first_profile=config.profile_steps[0],
+                                       num_profile_steps=config.profile_steps[1] - config.profile_steps[0])
   step_rng = jax.random.PRNGKey(config.seed + 1)
-  history, wait_time, window_start = [], 0.0, time.time()
+  history, wait_time, window_start, window_steps = [], 0.0, time.time(), 0
 
   step = start_step
   while step < total_steps:
@@ -97,31 +139,45 @@ def train_and_evaluate(config, workdir: str, *, step_hooks=()) -> dict:
       t = time.time()
       batch = next(batches)
       wait_time += time.time() - t
+      if step == start_step:
+        logging.info('Compiling the train step (the first step includes compilation)...')
       state, metrics = train_step(state, batch, step_rng)
+      if step == start_step:
+        jax.block_until_ready(metrics)
+        logging.info('Train step compiled and run in %.1f s', time.time() - t)
+        window_start = time.time()  # rates exclude compilation
     step += 1
+    window_steps += step > start_step + 1
     for hook in step_hooks:
       hook(step, state, metrics)
     history.append((step, metrics))
-    for hook in hooks:
-      hook(step)
+    if profile is not None:
+      profile(step)
     last = step == total_steps
     if step % config.log_every_steps == 0 or last or checkpointer.should_save(step):
       _check_finite(history)
+      seconds = max(time.time() - window_start, 1e-9)
       means = {f'train/{k}': float(np.mean([float(m[k]) for _, m in history])) for k in metrics}
-      means['train/input_wait_fraction'] = wait_time / max(time.time() - window_start, 1e-9)
+      means.update({'train/input_wait_fraction': wait_time / seconds,
+                    'train/steps_per_sec': window_steps / seconds})
       writer.write_scalars(step, means)
-      history, wait_time, window_start = [], 0.0, time.time()
+      if window_steps:
+        logging.info(_progress_line(step, total_steps, means, loader_batch * window_steps / seconds,
+                                    seconds / window_steps))
+      history, wait_time, window_start, window_steps = [], 0.0, time.time(), 0
     if step % schedule.eval_every_steps == 0 and not last:
-      with report.timed('eval'):
-        clean = evaluators.eval_clean(eval_context, variables(state.ema_params, state.ema_model_state),
-                                      {})
-        writer.write_scalars(step, {f'eval_ema/{k}': v for k, v in clean.items()})
+      start = time.time()
+      clean = evaluators.eval_clean(eval_context, variables(state.ema_params, state.ema_model_state), {})
+      writer.write_scalars(step, {f'eval_ema/{k}': v for k, v in clean.items()})
+      logging.info('eval at step %d (EMA weights): top-1 %.4f, top-5 %.4f on %d examples (%.1f s)', step,
+                   clean['top1'], clean['top5'], clean['count'], time.time() - start)
+      window_start += time.time() - start  # rates exclude evaluation
     if checkpointer.should_save(step) or last:
       checkpointer.save(step, state, {'data_step': step}, force=last)
     if checkpointer.preempted and not last:
-      logging.warning('Preemption requested: checkpoint at step %d saved, exiting.', step)
+      logging.warning('Stop requested: checkpoint at step %d saved, exiting. Rerun the same command to '
+                      'resume.', step)
       checkpointer.wait()
-      checkpointer.close()
       writer.flush()
       return {'preempted_at_step': step}
 
@@ -131,9 +187,7 @@ def train_and_evaluate(config, workdir: str, *, step_hooks=()) -> dict:
                                          if isinstance(v, float)})
   writer.flush()
   checkpointer.wait()
-  checkpointer.close()
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'final_metrics.json').write_text(json.dumps(final, indent=2, sort_keys=True))
+  workdir_lib.write_final_metrics(final, workdir)
   return final
 
 
@@ -143,13 +197,20 @@ def final_evaluation(config, eval_context, state) -> dict:
   results = {}
   ema = variables(state.ema_params, state.ema_model_state)
   for name, weights in (('ema', ema), ('raw', variables(state.params, state.model_state))):
+    start = time.time()
     metrics = evaluators.eval_clean(eval_context, weights, {})
     results.update({f'{name}_clean_top1': metrics['top1'], f'{name}_clean_top5': metrics['top5']})
     results['eval_examples'] = metrics['count']
+    logging.info('final eval, clean, %s weights: top-1 %.4f on %d examples (%.1f s)',
+                 name.upper() if name == 'ema' else name, metrics['top1'], metrics['count'],
+                 time.time() - start)
   if config.eval_pgd_epsilons_pixels:
+    start = time.time()
     settings = dict(evaluators.DEFAULT_SETTINGS['pgd'], epsilons_pixels=config.eval_pgd_epsilons_pixels)
     pgd = evaluators.eval_pgd(eval_context, ema, settings)['by_epsilon_pixels']
     results.update({f'ema_pgd{eps}_top1': r['top1'] for eps, r in pgd.items()})
+    logging.info('final eval, white-box PGD, EMA weights: %s (%.1f s)', ', '.join(
+        f'{eps} px top-1 {r["top1"]:.4f}' for eps, r in pgd.items()), time.time() - start)
   return results
 
 
@@ -161,15 +222,6 @@ def _flatten(d, prefix=''):
     else:
       out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else str(v)
   return out
-
-
-def _write_run_config(config, workdir):
-  """workdir/config.json: the full config, for export / evaluate / predict."""
-  path = epath.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  tmp = path / 'config.json.tmp'
-  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  tmp.replace(path / 'config.json')  # atomic overwrite
 
 
 def format_final_table(config, final: dict) -> str:

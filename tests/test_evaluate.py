@@ -15,7 +15,7 @@ from advprop_jax.data import imagenet_subsets
 from advprop_jax.eval import evaluators
 from advprop_jax.eval import report
 from advprop_jax.eval import robustness
-from advprop_jax.eval import workdir
+from advprop_jax.eval import saved_run
 from advprop_jax.eval.step import make_eval_step
 from conftest import tiny_efficientnet
 
@@ -165,10 +165,10 @@ def test_plan_and_config_json(tmp_path):
   with pytest.raises(ValueError, match='unknown settings'):
     evaluators.evaluator_plan(config, ['pgd'])
   (tmp_path / 'config.json').write_text(config.to_json_best_effort())
-  loaded = workdir.load_config(str(tmp_path))
+  loaded = saved_run.load_config(str(tmp_path))
   assert loaded.model == config.model and loaded.data.image_size == 32
   with pytest.raises(FileNotFoundError, match='--config'):
-    workdir.load_config(str(tmp_path / 'none'))
+    saved_run.load_config(str(tmp_path / 'none'))
 
 
 def test_subset_eval_step_restricts_logits(digits_ctx):

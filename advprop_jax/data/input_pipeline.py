@@ -12,6 +12,7 @@ Eval: every process reads its even share, appends fully-masked padding and yield
 batches (ceil(ceil(N / processes) / batch)), so SPMD steps line up and each example counts once.
 """
 import collections
+import fcntl
 import logging
 import math
 import os
@@ -50,7 +51,7 @@ def prepared_builder(config) -> tfds.core.DatasetBuilder:
                      f"'image' (Image) and a 'label' (ClassLabel) feature, it has {sorted(keys)}.")
   if not builder.is_prepared():
     if name == DIGITS:  # ships inside scikit-learn: build it in place, nothing is downloaded
-      builder.download_and_prepare()
+      builder = _prepare_once(builder, config.data_dir)
     else:
       raise FileNotFoundError(
           f'Dataset {name!r} (version {builder.version}) is not prepared in '
@@ -58,6 +59,23 @@ def prepared_builder(config) -> tfds.core.DatasetBuilder:
           f'Prepare it first, e.g. `tfds build {name} --data_dir={builder.data_dir_root}` (datasets '
           'with a manual download, like imagenet2012, need the archives in '
           '<data_dir>/downloads/manual first), or set config.data.data_dir to where it is.')
+  return builder
+
+
+def _prepare_once(builder, data_dir):
+  """Builds an offline dataset in place. Processes of a multi-process run on one machine take turns on
+  a lock file next to it, so one prepares it and the others then find it prepared (TFDS refuses two
+  concurrent builds of one dataset)."""
+  root = os.fspath(builder.data_dir_root)
+  if '://' in root:
+    builder.download_and_prepare()
+    return builder
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f'.{builder.name}.prepare.lock'), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    builder = tfds.builder(builder.name, data_dir=data_dir)
+    if not builder.is_prepared():
+      builder.download_and_prepare()
   return builder
 
 
