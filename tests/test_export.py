@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from advprop_jax import attacks, convert, export, predict
+from advprop_jax import convert, export, predict
 from export_fixtures import ROOT, demo_workdir, resnet_workdir, save_image, stdout_blocks
 
-IMAGENET_MEAN_01 = [0.485, 0.456, 0.406]
+IMAGENET_MEAN_01 = [0.485, 0.456, 0.406]  # torchvision / timm, spelled out here independently of the code
 IMAGENET_STD_01 = [0.229, 0.224, 0.225]
+MEAN_PIXELS, STD_PIXELS = np.multiply(IMAGENET_MEAN_01, 255), np.multiply(IMAGENET_STD_01, 255)
 
 
 @pytest.fixture(scope='module')
@@ -126,10 +127,10 @@ def test_resnet_imagenet_normalisation_in_flax_export_and_predict(resnet, image,
   assert export.call([f'--workdir={workdir}', f'--output={out}']) == 0
   config, module, _ = export.load_exported_flax(str(out))
   assert config['normalization'] == 'imagenet'
-  np.testing.assert_allclose(config['pixel_mean'], attacks.IMAGENET_MEAN_PIXELS)
-  np.testing.assert_allclose(config['pixel_std'], attacks.IMAGENET_STD_PIXELS)
-  low, high = attacks.input_range('imagenet')
-  np.testing.assert_allclose(config['input_range'], [low, high])
+  np.testing.assert_allclose(config['pixel_mean'], MEAN_PIXELS)
+  np.testing.assert_allclose(config['pixel_std'], STD_PIXELS)
+  np.testing.assert_allclose(config['input_range'], [-MEAN_PIXELS / STD_PIXELS, (255 - MEAN_PIXELS) / STD_PIXELS],
+                             rtol=1e-6)
   capsys.readouterr()
   assert predict.call([f'--checkpoint={out}', image]) == 0
   main = convert.main_distribution(variables, ('clean', 'adv'))
@@ -169,7 +170,7 @@ def test_resnet_savedmodel_uint8_signature_normalises_per_channel(resnet, tmp_pa
   loaded = tf.saved_model.load(str(out))
   pixels = np.random.RandomState(5).randint(0, 256, (2, 33, 33, 3)).astype(np.uint8)
   probs8 = loaded.signatures['serving_uint8'](images=tf.constant(pixels))['probabilities'].numpy()
-  x = (pixels - np.asarray(attacks.IMAGENET_MEAN_PIXELS)) / np.asarray(attacks.IMAGENET_STD_PIXELS)
+  x = (pixels - MEAN_PIXELS) / STD_PIXELS
   config = export.run_config(workdir)
   main = convert.main_distribution(variables, ('clean', 'adv'))
   expected = probabilities(export.inference_model(config), main, x.astype(np.float32))
@@ -194,7 +195,8 @@ def _one_error_line(capsys, *needles):
 
 @pytest.mark.parametrize('case', ['no_workdir', 'workdir_missing', 'no_config', 'bad_json', 'unknown_model',
                                   'no_checkpoint', 'timm_output_is_dir', 'timm_suffix', 'output_under_file',
-                                  'output_not_an_export', 'unknown_format', 'unknown_flag', 'not_fitting'])
+                                  'output_not_an_export', 'unknown_format', 'unknown_flag', 'not_fitting',
+                                  'corrupt_checkpoint'])
 def test_export_mistakes_are_one_line(case, demo, tmp_path, capsys):
   work = tmp_path / 'run'
   shutil.copytree(demo[0], work)
@@ -246,6 +248,12 @@ def test_export_mistakes_are_one_line(case, demo, tmp_path, capsys):
     full['model_overrides']['width'] = 0.5
     (work / 'config.json').write_text(json.dumps(full))
     needles = (f'--workdir={work}', 'does not fit config.json', 'shape mismatch')
+  elif case == 'corrupt_checkpoint':  # unreadable weights: the array data files overwritten
+    for d, _, files in os.walk(work / 'checkpoints'):
+      for name in files if os.path.basename(d) == 'd' else ():
+        with open(os.path.join(d, name), 'wb') as f:
+          f.write(b'\0' * 64)
+    needles = (f'--workdir={work}: cannot read the newest checkpoint',)
   before = _tree(tmp_path)
   assert export.call([f'--{k}={v}' for k, v in args.items()]) == 2
   _one_error_line(capsys, *needles)
