@@ -48,7 +48,8 @@ Options (environment variable in brackets):
   --lines N            logs/status: how many log lines (default 100 for logs, 5 for status)
   --follow             logs: follow the log (tail -F)
   --yes                delete without asking
-  --dry-run            print every command (one per line, prefixed with '+ ') instead of running it
+  --dry-run            print every command (one per line, prefixed with '+ ') instead of running it;
+                       anywhere on the command line, also after --
   -h, --help           this help
 
 Examples:
@@ -95,12 +96,20 @@ take_value() {
     OPTVAL="${arg#*=}"
     SHIFT_BY=1
   else
-    [[ $# -ge 1 ]] || usage_error "option $opt needs a value"
+    [[ $# -ge 1 && "$1" != --* ]] || usage_error "option $opt needs a value${1:+ (got $1)}"
     OPTVAL="$1"
     SHIFT_BY=2
   fi
   [[ -n "$OPTVAL" ]] || usage_error "option $opt needs a non-empty value"
 }
+
+# --dry-run anywhere means a dry run: also after `--` (where the trainer's flags go) or where an option value
+# was expected. A misplaced --dry-run must never run the real gcloud (which would also kill a running job).
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run|--dry-run=*) DRY_RUN=1 ;;
+  esac
+done
 
 while [[ $# -gt 0 ]]; do
   arg="$1"
@@ -132,7 +141,20 @@ while [[ $# -gt 0 ]]; do
       esac
       shift "$SHIFT_BY"
       ;;
-    --) shift; EXTRA_ARGS=("$@"); HAVE_EXTRA=1; break ;;
+    --)
+      shift
+      HAVE_EXTRA=1
+      for arg in "$@"; do
+        case "$arg" in
+          --dry-run|--dry-run=*)  # the launcher's flag, misplaced: honoured above, not passed on
+            echo "launch_tpu.sh: note: --dry-run after -- is the launcher's dry run (not passed to the trainer)" >&2 ;;
+          --dry_run*|--dryrun*|-dry-run*|-dry_run*)
+            usage_error "ambiguous '$arg' after --: write --dry-run for a dry run of the launcher" ;;
+          *) EXTRA_ARGS+=("$arg") ;;
+        esac
+      done
+      break
+      ;;
     -*) usage_error "unknown option: $arg" ;;
     *)
       if [[ -z "$CMD" ]]; then

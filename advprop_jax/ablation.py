@@ -6,7 +6,8 @@
 
 Each (method, seed) trains with trainer.train_and_evaluate in DIR/<method>/seed<k> (so an interrupted
 ablation resumes from the runs' checkpoints; finished runs are read back, not retrained), then the EMA
-weights are evaluated on the digits corruptions (eval/, written to DIR/<method>/seed<k>/eval). Writes DIR/ablation.md (mean ± std over seeds), DIR/ablation.json and
+weights are evaluated on the digits corruptions (eval/, written to DIR/<method>/seed<k>/eval).
+Writes DIR/ablation.md (mean ± std over seeds), DIR/ablation.json and
 DIR/ablation.png. Compiled programs are cached in DIR/jax_cache (unless a JAX compilation cache is
 already configured), so every seed after a method's first skips compilation.
 
@@ -226,54 +227,55 @@ def run_ablation(workdir, method_names=ALL_METHODS, seeds=(0,), *, epochs=None, 
   return table
 
 
-FLAGS = flags.FLAGS
 
-
-def define_flags():
-  """The CLI's flags, defined when it runs (so that every CLI module can be imported side by side)."""
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
   flags.DEFINE_string('workdir', None, 'Directory of the ablation (one sub-directory per run).',
-                      required=True)
-  flags.DEFINE_list('methods', list(ALL_METHODS), f'Methods to compare, from {list(ALL_METHODS)}.')
-  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Integer seeds; one run per method and seed.')
-  flags.DEFINE_float('epochs', None, 'Epochs of the vanilla loader (default: the config\'s num_epochs).')
-  flags.DEFINE_integer('steps', None, 'Optimizer steps per run (overrides --epochs).')
-  flags.DEFINE_string('config', 'configs/demo.py', 'Config file whose get_config(method) is used.')
-  flags.DEFINE_bool('quick', False, 'Tiny model, 16 px, few steps (tests).')
+                      required=True, **fv)
+  flags.DEFINE_list('methods', list(ALL_METHODS), f'Methods to compare, from {list(ALL_METHODS)}.', **fv)
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Integer seeds; one run per method and seed.', **fv)
+  flags.DEFINE_float('epochs', None, 'Epochs of the vanilla loader (default: the config\'s num_epochs).',
+                     **fv)
+  flags.DEFINE_integer('steps', None, 'Optimizer steps per run (overrides --epochs).', **fv)
+  flags.DEFINE_string('config', 'configs/demo.py', 'Config file whose get_config(method) is used.', **fv)
+  flags.DEFINE_bool('quick', False, 'Tiny model, 16 px, few steps (tests).', **fv)
 
 
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
-  unknown = [m for m in FLAGS.methods if m not in ALL_METHODS]
-  if unknown or not FLAGS.methods:
-    cli.fail(f'--methods={",".join(FLAGS.methods)}: unknown {unknown}; choose from {list(ALL_METHODS)}')
+  unknown = [m for m in flag_values.methods if m not in ALL_METHODS]
+  if unknown or not flag_values.methods:
+    cli.fail(f'--methods={",".join(flag_values.methods)}: unknown {unknown}; choose from {list(ALL_METHODS)}')
   try:
-    seeds = [int(s) for s in FLAGS.seeds]
+    seeds = [int(s) for s in flag_values.seeds]
   except ValueError:
     seeds = []
   if not seeds:
-    cli.fail(f'--seeds={",".join(FLAGS.seeds)!r}: a comma-separated list of integers, e.g. 0,1,2')
-  if not os.path.isfile(FLAGS.config):
-    cli.fail(f'--config={FLAGS.config}: no such file')
-  steps = FLAGS.steps if FLAGS.steps is not None else (4 if FLAGS.quick and FLAGS.epochs is None
-                                                       else None)
+    cli.fail(f'--seeds={",".join(flag_values.seeds)!r}: a comma-separated list of integers, e.g. 0,1,2')
+  if not os.path.isfile(flag_values.config):
+    cli.fail(f'--config={flag_values.config}: no such file')
+  steps = flag_values.steps
+  if steps is None and flag_values.quick and flag_values.epochs is None:
+    steps = 4
   logging.getLogger().setLevel(logging.INFO)
   if not jax.config.jax_compilation_cache_dir:  # keep a cache the caller configured
     # Seeds of one method compile identical programs: the persistent cache makes every seed after
     # the first skip compilation (~30 s per run on 2 cores).
-    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(FLAGS.workdir),
+    jax.config.update('jax_compilation_cache_dir', os.path.join(os.path.abspath(flag_values.workdir),
                                                                 'jax_cache'))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   input_pipeline.keep_tf_off_accelerators()
   command = 'python -m advprop_jax.ablation ' + ' '.join(sys.argv[1:])
-  table = run_ablation(FLAGS.workdir, FLAGS.methods, seeds, epochs=FLAGS.epochs, steps=steps,
-                       config_path=FLAGS.config, quick=FLAGS.quick, command=command)
+  table = run_ablation(flag_values.workdir, flag_values.methods, seeds, epochs=flag_values.epochs,
+                       steps=steps, config_path=flag_values.config, quick=flag_values.quick,
+                       command=command)
   print(markdown_table(table))
 
 
 def run():
   """Console-script entry point."""
-  cli.run(define_flags, main)
+  cli.run(main, 'advprop_jax.ablation', __doc__, define_flags)
 
 
 if __name__ == '__main__':

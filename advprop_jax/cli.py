@@ -1,97 +1,179 @@
-"""What the command lines share: absl flags defined when the CLI runs, a user's mistake reported as one
-line with exit code 2 (never a traceback), and library INFO logs off unless --verbose.
+"""What the command lines share (main, evaluate, export, predict, plan, ablation, launch_local).
 
-Every CLI module has `define_flags()` and `main(argv)`; `run(define_flags, main)` is its entry point
-(`python -m advprop_jax.X` and the console scripts). Flags are defined when the CLI runs, not when its
-module is imported, so library code and tests can import any CLI module side by side.
+* Flags are defined when a CLI runs, by its `define_flags(flag_values)`, not at import: library code and
+  tests can import every CLI module side by side, and `call()` runs a CLI in-process on a private flag
+  namespace (tests).
+* A user's mistake (a flag, a config file or field, a path) is ONE line on stderr, `<prog>: error: ...`,
+  exit status 2, before anything is written: raise `UserError` (or `fail(...)`). Other stops that are not
+  bugs (training diverged, a checkpoint could not be written) are one line with their own status
+  (`Failure`). Never a traceback for either.
+* `run(main, prog, doc, define_flags)` is the `python -m` / console-script entry point: absl's `app.run`
+  plus the above, a `--help` that lists the CLI's flags also from a console script, and logs that show
+  this package's INFO lines and everyone's warnings, the libraries' INFO only with `--verbose`.
+* A config file of the user's may import the shipped ones (`from configs import efficientnet`) from any
+  working directory.
 """
+import contextlib
 import logging
 import os
 import re
 import sys
+from typing import Any, Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
 
-EXIT_USAGE = 2  # a user's mistake: bad flag, config value, path; nothing was written
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+HELP_FLAGS = ('--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-helpfull', '-?')
 
 
-class UsageError(Exception):
-  """A user's mistake, reported as its message on one line, exit code 2."""
+class UserError(ValueError):
+  """A user's mistake (flag, config, path, file contents): one line naming it; exit status 2."""
 
 
-def fail(message: str, code: int = EXIT_USAGE):
-  """Prints `message` as one line on stderr and exits with `code`."""
-  print(' '.join(str(message).split('\n')).strip(), file=sys.stderr)
-  sys.exit(code)
+class Failure(Exception):
+  """A stop that is not a bug and not the user's input (diverged loss, failed save): one line, `code`."""
+
+  def __init__(self, message: str, code: int = 1):
+    super().__init__(message)
+    self.code = code
 
 
-def run(define_flags, main):
-  """Defines the flags, parses the command line (a bad flag or config file: one line, exit 2), runs main."""
+def fail(message: Any, code: int = 2):
+  """Stops the CLI with `message` as one line and exit status `code` (2: the user's mistake)."""
+  raise UserError(str(message)) if code == 2 else Failure(str(message), code)
+
+
+def one_line(message: Any, max_items: int = 3) -> str:
+  """A multi-line message (e.g. convert's list of mismatched tensors) as one line with its first items."""
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  if len(lines) <= 1:
+    return lines[0] if lines else ''
+  more = ' ...' if len(lines) > 1 + max_items else ''
+  return f'{lines[0]} {"; ".join(lines[1:1 + max_items])}{more}'
+
+
+def error(prog: str, message: Any) -> None:
+  print(f'{prog}: error: {one_line(message)}', file=sys.stderr)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str, status: list):
+  """Inside the block a UserError becomes one stderr line and status[0] = 2."""
+  try:
+    yield
+  except UserError as e:
+    error(prog, e)
+    status[0] = 2
+
+
+def _guarded(main: Callable, prog: str) -> Callable:
+  """main(argv, flag_values) -> status, with UserError / Failure turned into one line and their status."""
+  def wrapped(argv, flag_values=flags.FLAGS):
+    try:
+      return main(argv, flag_values) or 0
+    except UserError as e:
+      error(prog, e)
+      return 2
+    except Failure as e:
+      error(prog, e)
+      return e.code
+  return wrapped
+
+
+def _define(define: Optional[Callable], flag_values: flags.FlagValues) -> None:
+  if define is not None:
+    define(flag_values)
+  if 'verbose' not in flag_values:
+    flags.DEFINE_bool('verbose', False, 'Also show the INFO logs of the libraries (orbax, TFDS, JAX, ...).',
+                      flag_values=flag_values)
+
+
+def _parse(prog: str, flag_values: flags.FlagValues, argv: Sequence[str]):
+  """flag_values(argv), with any failure (bad flag, config file, config field) as one line."""
+  try:
+    return flag_values(list(argv))
+  except Exception as e:  # pylint: disable=broad-except  (every parse failure is the user's input)
+    raise UserError(describe_flag_error(e, argv)) from None
+
+
+def call(define: Callable[[flags.FlagValues], None], main: Callable, prog: str, argv: Sequence[str]) -> int:
+  """main(args, flag_values) on flags parsed from `argv` (no program name); returns the exit status."""
+  flag_values = flags.FlagValues()
+  _define(define, flag_values)
+  try:
+    rest = _parse(prog, flag_values, [prog, *argv])
+  except UserError as e:
+    error(prog, e)
+    return 2
+  return _guarded(main, prog)(rest, flag_values)
+
+
+def run(main: Callable, prog: str, doc: str, define: Optional[Callable[[flags.FlagValues], None]] = None):
+  """The entry point: app.run(main) with this module's conventions (see the module doc)."""
   _make_configs_importable()
-  define_flags()
-  if 'verbose' not in flags.FLAGS:
-    flags.DEFINE_bool('verbose', False, 'Also show the INFO logs of the libraries (orbax, TFDS, JAX...).')
-  app.run(_quiet_unless_verbose(main), flags_parser=_parse)
+  before = set(flags.FLAGS)
+  _define(define, flags.FLAGS)
+  for name in set(flags.FLAGS) - before:  # --help of a console script lists this CLI's flags
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+  main_module = sys.modules['__main__']
+  if not getattr(main_module, '__doc__', None):  # pip's console-script wrapper has no docstring
+    main_module.__doc__ = doc
+
+  def parse(argv):
+    try:
+      return _parse(prog, flags.FLAGS, argv)
+    except UserError as e:
+      error(prog, e)
+      sys.exit(2)
+    except SystemExit as e:  # absl's --help / --helpfull print the help, then exit with status 1
+      if e.code == 1 and any(a.split('=')[0] in HELP_FLAGS for a in argv[1:]):
+        sys.exit(0)
+      raise
+
+  def main_with_logs(argv):
+    if not flags.FLAGS.verbose:
+      for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+        handler.addFilter(_own_info_only)
+    sys.exit(_guarded(main, prog)(argv, flags.FLAGS))
+
+  app.run(main_with_logs, flags_parser=parse)
+
+
+def _own_info_only(record: logging.LogRecord) -> bool:
+  """INFO from this package only; warnings and errors from anywhere, except TensorFlow's deprecation notices
+  (about its own internals: nothing a user can act on) and orbax's warnings (read-only managers...)."""
+  if record.levelno < logging.WARNING:
+    return record.pathname.startswith(PACKAGE_DIR)
+  if record.levelno < logging.ERROR and '/orbax/' in record.pathname:
+    return False
+  return not record.pathname.endswith(os.path.join('util', 'deprecation.py'))
 
 
 def _make_configs_importable():
-  """A user's config file may import the shipped ones (`from configs import efficientnet`) from any
-  working directory: the checkout's root (which holds configs/) goes on the import path."""
+  """The checkout's root (which holds configs/) goes on the import path, so that a user's config file can
+  import the shipped ones from any working directory."""
   root = os.path.dirname(PACKAGE_DIR)
   if os.path.isdir(os.path.join(root, 'configs')) and root not in sys.path:
     sys.path.append(root)
 
 
-def _quiet_unless_verbose(main):
-  def wrapped(argv):
-    if not flags.FLAGS.verbose:
-      for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
-        handler.addFilter(_OwnInfoOnly())
-    return main(argv)
-  return wrapped
-
-
-class _OwnInfoOnly(logging.Filter):
-  """INFO records pass only from this package; warnings and errors from anywhere, except TensorFlow's
-  deprecation notices (about its own internals, nothing a user can act on)."""
-
-  def filter(self, record):
-    if record.levelno < logging.WARNING:
-      return record.pathname.startswith(PACKAGE_DIR)
-    return not record.pathname.endswith(os.path.join('util', 'deprecation.py'))
-
-
-def _parse(argv):
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except  (every parse failure is the user's input)
-    fail(f'{os.path.basename(argv[0])}: {describe_flag_error(e, argv)}')
-
-
-def describe_flag_error(error: Exception, argv) -> str:
+def describe_flag_error(error_: Exception, argv: Sequence[str]) -> str:
   """One line for what went wrong while parsing `argv`: a flag, a config file or a config field."""
-  if isinstance(error, SyntaxError):  # a config file that is not valid Python
-    return f'{error.filename}:{error.lineno}: syntax error: {error.msg}'
-  text = str(error)
+  if isinstance(error_, SyntaxError):  # a config file that is not valid Python
+    return f'{error_.filename}:{error_.lineno}: syntax error: {error_.msg}'
+  text = str(error_)
   if 'Traceback (most recent call last)' in text:  # get_config raised: keep its last line
     last = [line for line in text.strip().splitlines() if line.strip()][-1]
     return f'{text.splitlines()[0].rstrip(":")} {last.strip()}'
-  if 'No such file or directory' in text:
-    missing = re.search(r"No such file or directory: '([^']*)'", text)
-    return f'--config={missing.group(1) if missing else "?"}: no such config file'
-  if isinstance(error, (AttributeError, KeyError)):  # an override of a field the config does not have
-    override = next((a.split('=')[0] for a in argv if a.startswith('--config.')), '--config.?')
-    for arg in argv:
-      if arg.startswith('--config.') and _missing_field(arg) in text:
-        override = arg.split('=')[0]
+  missing = re.search(r"No such file or directory: '([^']*)'", text)
+  if missing and 'config' in text.lower():
+    return f'--config={missing.group(1)}: no such config file'
+  if isinstance(error_, (AttributeError, KeyError)):  # an override of a field the config does not have
+    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    named = [o for o in overrides if repr(o.split('.')[-1]) in text]
     hint = re.search(r'Did you mean "([^"]+)"', text)
-    return (f'{override}: no such config field' +
+    return (f'{(named or overrides or ["--config.?"])[0]}: no such config field' +
             (f'; did you mean "{hint.group(1)}"?' if hint else '') +
             ' (all fields, with comments: advprop_jax/config.py)')
-  return text.splitlines()[0] if text else type(error).__name__
-
-
-def _missing_field(arg: str) -> str:
-  return repr(arg.split('=')[0].split('.')[-1])
+  return text.splitlines()[0] if text else type(error_).__name__

@@ -18,28 +18,26 @@ from advprop_jax.eval import evaluators
 from advprop_jax.eval import saved_run
 
 
-FLAGS = flags.FLAGS
 
-
-def define_flags():
-  """The CLI's flags, defined when it runs (so that every CLI module can be imported side by side)."""
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
   config_flags.DEFINE_config_file('config', None, 'Config file; default: <workdir>/config.json.',
-                                  lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints/, config.json).', required=True)
-  flags.DEFINE_list('evaluators', None, f'Evaluators to run, from {list(evaluators.ALL_EVALUATORS)}.')
-  flags.DEFINE_string('output', None, 'Output directory; default <workdir>/eval.')
-  flags.DEFINE_bool('ema', True, 'Evaluate the EMA weights (else the raw ones).')
-  flags.DEFINE_string('stylized_dir', None, 'Stylized-ImageNet ImageFolder directory.')
+                                  lock_config=False, **fv)
+  flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints/, config.json).', required=True, **fv)
+  flags.DEFINE_list('evaluators', None, f'Evaluators to run, from {list(evaluators.ALL_EVALUATORS)}.', **fv)
+  flags.DEFINE_string('output', None, 'Output directory; default <workdir>/eval.', **fv)
+  flags.DEFINE_bool('ema', True, 'Evaluate the EMA weights (else the raw ones).', **fv)
+  flags.DEFINE_string('stylized_dir', None, 'Stylized-ImageNet ImageFolder directory.', **fv)
 
 
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
   input_pipeline.keep_tf_off_accelerators()
   try:
-    _, results = saved_run.evaluate_workdir(FLAGS.workdir, FLAGS.config, names=FLAGS.evaluators,
-                                            output=FLAGS.output, ema=FLAGS.ema,
-                                            stylized_dir=FLAGS.stylized_dir)
+    _, results = saved_run.evaluate_workdir(
+        flag_values.workdir, flag_values.config, names=flag_values.evaluators, output=flag_values.output,
+        ema=flag_values.ema, stylized_dir=flag_values.stylized_dir)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(f'Error: {e}')
   print('\n'.join(f'{n}: ' + (f'top1={r["top1"]:.4f}' if 'top1' in r else r.get('reason', r['status']))
@@ -50,7 +48,7 @@ def main(argv):
 
 def run():
   """Console-script entry point."""
-  cli.run(define_flags, main)
+  cli.run(main, 'advprop_jax.evaluate', __doc__, define_flags)
 
 
 if __name__ == '__main__':

@@ -1,81 +1,196 @@
-"""Inference export of a training run's EMA weights (main BNs only).
+"""Export a training run's EMA weights (main BatchNorms only) for inference.
 
-  python -m advprop_jax.export --workdir=DIR --format=flax|timm|savedmodel --output=PATH
+  python -m advprop_jax.export --workdir=DIR --format=flax|timm|savedmodel --output=PATH   (or advprop-export)
 
-* flax:        PATH/ is a directory: `config.json` (model, model_overrides, num_classes, image_size, crop_fraction,
-               input_range) + `variables/`, an Orbax StandardCheckpointer checkpoint of {'params', 'batch_stats'}
-               for create_model(model, num_classes=..., distributions=('clean',), **model_overrides).
-               Read it back with `load_exported_flax(PATH)`; `python -m advprop_jax.predict` reads it too.
-* timm:        PATH is a safetensors file for timm's `tf_efficientnet_bX` (load_state_dict(strict=True)).
-* savedmodel:  PATH/ is a TF SavedModel (jax2tf, native serialization for cpu, cuda and tpu). Signatures:
-               'serving_default': images float32 [batch, S, S, 3] NHWC in the model's input range ([-1, 1] by
-               default), already resized/cropped to S = image_size -> {'probabilities': float32 [batch, classes]};
-               'serving_uint8': the same with uint8 pixels 0..255 (scaled to the input range inside).
+* flax:        PATH/ is a directory: config.json (model, model_overrides, num_classes, image_size,
+               crop_fraction, normalization, pixel_mean, pixel_std, input_range) + variables/, an Orbax
+               StandardCheckpointer checkpoint of {'params', 'batch_stats'} for create_model(model,
+               num_classes=..., distributions=('clean',), **model_overrides). `load_exported_flax(PATH)` and
+               `python -m advprop_jax.predict --checkpoint=PATH` read it.
+* timm:        PATH is a .safetensors file for timm's tf_efficientnet_bX / resnetN (strict load_state_dict);
+               its header metadata holds the same config ('advprop_jax_config') and timm's mean, std,
+               input_size and crop_pct, so predict needs no --model for it.
+* savedmodel:  PATH/ is a TF SavedModel (jax2tf, native serialization for --platforms). Signatures:
+               'serving_default': float32 images [batch, S, S, 3] NHWC, S = image_size, already cropped,
+               resized and normalised -> {'probabilities': float32 [batch, classes]};
+               'serving_uint8': the same with uint8 pixels 0..255 (normalised inside).
 
-What a training workdir must hold is defined in ONE place, `load_inference_variables` and the constants above it.
+Inputs are normalised per channel as the run's data.normalization: x = (pixels - pixel_mean) / pixel_std,
+pixels 0..255; 'minus_one_one' (AdvProp EfficientNets): mean = std = 127.5, x in [-1, 1]; 'imagenet'
+(configs/resnet.py): torchvision's mean/std.
+The output is written next to PATH under a temporary name and renamed when complete. An existing PATH is
+replaced only if it is an export of the same format (or empty). Mistakes (flags, paths, the run's files) print
+one line naming the flag or path and exit with code 2, before anything is written.
 """
 import json
 import os
-from typing import Any, Dict, Tuple
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags
 from flax import traverse_util
 
+from advprop_jax import checkpoints
+from advprop_jax import cli
 from advprop_jax import convert
-from advprop_jax.models import create_model
+from advprop_jax.convert import savedmodel
+from advprop_jax.data import normalization as normalization_lib
+from advprop_jax.cli import UserError, one_line
+from advprop_jax.models import create_model, model_names
 
-# Keys of an exported directory's config.json (written by export_flax, read by predict).
 CONFIG_FILE = 'config.json'
-CONFIG_KEYS = ('model', 'model_overrides', 'num_classes', 'image_size', 'crop_fraction')
+VARIABLES_DIR = 'variables'
+CONFIG_KEYS = ('model', 'model_overrides', 'num_classes', 'image_size', 'crop_fraction')  # required on read
+NORMALIZATION_KEYS = ('normalization', 'pixel_mean', 'pixel_std', 'input_range')  # written by export
 DEFAULT_INPUT_RANGE = (-1.0, 1.0)
 FORMATS = ('flax', 'timm', 'savedmodel')
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+TIMM_CONFIG_KEY = 'advprop_jax_config'  # safetensors metadata key of the exported config (JSON)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configs: the export view of a run, and the config.json of an exported directory
+# --------------------------------------------------------------------------------------------------------
+def set_overrides(overrides) -> Dict[str, Any]:
+  """create_model overrides without the None placeholders (configs declare unset fields as None so that the
+  command line may set them, e.g. configs/demo.py's stages/head_features; the trainer drops them too)."""
+  return {k: v for k, v in dict(overrides or {}).items() if v is not None}
+
+
+def normalization_config(normalization: str) -> Dict[str, Any]:
+  """normalization, pixel_mean, pixel_std (per channel, pixels) and input_range (images of pixels 0, 255)."""
+  if normalization not in normalization_lib.NORMALIZATIONS:
+    raise UserError(f'normalization={normalization!r}; allowed: {", ".join(normalization_lib.NORMALIZATIONS)}')
+  mean, std = normalization_lib.mean_std_pixels(normalization)
+  low, high = normalization_lib.input_range(normalization)
+  as_list = lambda v: [float(x) for x in np.ravel(v)] if np.ndim(v) else float(v)
+  return dict(normalization=normalization, pixel_mean=[float(m) for m in mean],
+              pixel_std=[float(s) for s in std], input_range=[as_list(low), as_list(high)])
+
+
+def pixel_stats(config: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-channel (mean, std) in pixels; exports older than per-channel support give a scalar input_range."""
+  if 'pixel_mean' in config and 'pixel_std' in config:
+    return np.asarray(config['pixel_mean'], np.float32), np.asarray(config['pixel_std'], np.float32)
+  low, high = (float(v) for v in config.get('input_range', DEFAULT_INPUT_RANGE))
+  std = 255.0 / (high - low)
+  return np.full(3, -low * std, np.float32), np.full(3, std, np.float32)
+
+
+def _read_json(path: str, what: str) -> Dict[str, Any]:
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f'{path} not found: {what}') from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f'{path}: cannot read it ({getattr(e, "strerror", None) or e})') from None
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path}: not valid JSON ({e})') from None
+  if not isinstance(value, dict):
+    raise UserError(f'{path}: expected a JSON object, got {type(value).__name__}')
+  return value
+
+
+def _check_model(config: Dict[str, Any], where: str) -> None:
+  if config['model'] not in model_names():
+    raise UserError(f'{where}: model={config["model"]!r} is not a known model; '
+                    f'names: {", ".join(model_names())}')
 
 
 def read_config(directory: str) -> Dict[str, Any]:
-  """The flat config.json of an exported directory."""
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
-    config = json.load(f)
+  """The flat config.json of an exported directory (older exports: normalisation from input_range)."""
+  path = os.path.join(directory, CONFIG_FILE)
+  config = _read_json(path, f'{directory} is not an export --format=flax directory')
   missing = [k for k in CONFIG_KEYS if k not in config]
   if missing:
-    raise ValueError(f'{os.path.join(directory, CONFIG_FILE)} lacks {missing}')
-  config.setdefault('input_range', list(DEFAULT_INPUT_RANGE))
+    raise UserError(f'{path} lacks {missing}: not written by advprop_jax.export --format=flax')
+  config['model_overrides'] = set_overrides(config['model_overrides'])
+  if 'pixel_mean' not in config:
+    mean, std = pixel_stats(config)
+    config.update(normalization='minus_one_one' if np.allclose(mean, 127.5) else 'custom',
+                  pixel_mean=mean.tolist(), pixel_std=std.tolist())
+    config.setdefault('input_range', list(DEFAULT_INPUT_RANGE))
+  _check_model(config, path)
   return config
 
 
 def run_config(workdir: str) -> Dict[str, Any]:
-  """The export view (CONFIG_KEYS + input_range) of a training workdir's full config.json."""
-  from advprop_jax.data import normalization  # pylint: disable=g-import-not-at-top
-  from advprop_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
+  """The export view (CONFIG_KEYS + NORMALIZATION_KEYS) of a training workdir's full config.json."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir} a training --workdir?')
-  with open(path) as f:
-    full = json.load(f)
-  data = full['data']
-  low, high = normalization.input_range(data['normalization'])
-  if np.ndim(low):
-    raise ValueError('export supports scalar input ranges only (data.normalization=minus_one_one)')
-  return dict(model=full['model'], model_overrides=dict(full.get('model_overrides') or {}),
-              num_classes=full['num_classes'], image_size=data['image_size'],
-              crop_fraction=float(preprocessing.eval_crop_fraction(data['image_size'],
-                                                                  data.get('crop_fraction'))),
-              input_range=[float(low), float(high)])
+  full = _read_json(path, f'--workdir={workdir} must be a training run directory (config.json, checkpoints/)')
+  try:
+    data = full['data']
+    config = dict(model=full['model'], model_overrides=set_overrides(full.get('model_overrides')),
+                  num_classes=int(full['num_classes']), image_size=int(data['image_size']))
+    crop_fraction = data.get('crop_fraction')
+    normalization = data.get('normalization', 'minus_one_one')
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f'{path}: missing or invalid field {e} (not written by training?)') from None
+  _check_model(config, path)
+  if crop_fraction is None:
+    # data.preprocessing imports TensorFlow (seconds): only for the S/(S+32) rule of configs without a crop.
+    from advprop_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
+    crop_fraction = preprocessing.eval_crop_fraction(config['image_size'])
+  try:
+    norm = normalization_config(normalization)
+  except UserError as e:
+    raise UserError(f'{path}: data.{e}') from None
+  return dict(config, crop_fraction=float(crop_fraction), **norm)
+
+
+def exported_config(config: Dict[str, Any]) -> Dict[str, Any]:
+  """What an export records (flax config.json, timm metadata): main-distribution model, preprocessing."""
+  keep = dict(config, model_overrides={k: v for k, v in set_overrides(config['model_overrides']).items()
+                                       if k != 'distributions'})
+  return {k: keep[k] for k in CONFIG_KEYS + NORMALIZATION_KEYS if k in keep}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------------
+def check_workdir(workdir: str) -> None:
+  if not workdir:
+    raise UserError('--workdir is required: the training run directory (config.json, checkpoints/)')
+  if workdir.startswith('gs://'):
+    raise UserError(f'--workdir={workdir}: export reads local directories only; copy the run first '
+                    '(gcloud storage cp -r: config.json and the newest checkpoints/<step>)')
+  if not os.path.isdir(workdir):
+    what = 'is not a directory' if os.path.exists(workdir) else 'does not exist'
+    raise UserError(f'--workdir={workdir} {what}: give the training run directory '
+                    '(config.json, checkpoints/)')
 
 
 def load_inference_variables(workdir: str) -> Tuple[Dict[str, Any], dict]:
-  """(config, variables) of a training workdir: the newest checkpoint's EMA weights, all distributions."""
-  from advprop_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  """(config, variables) of a training workdir: the newest checkpoint's EMA weights, all distributions.
+
+  What a training workdir must hold is defined here: config.json (run_config) and the newest complete
+  checkpoint of checkpoints.load_inference_variables (checkpoints/<step>/state with ema_params,
+  ema_model_state)."""
+  check_workdir(workdir)
   config = run_config(workdir)
-  variables, _ = checkpoints.load_inference_variables(workdir, ema=True)
+  try:
+    variables, _ = checkpoints.load_inference_variables(workdir, ema=True)
+  except FileNotFoundError as e:
+    raise UserError(f'--workdir={workdir}: {one_line(e)} (train first, or give the run directory)') from None
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for unreadable files
+    raise UserError(f'--workdir={workdir}: cannot read the newest checkpoint '
+                    f'({type(e).__name__}: {one_line(e)})') from None
   return config, variables
 
 
 def inference_model(config: Dict[str, Any]):
   """The model with the main distribution only (what the exported variables fit)."""
-  overrides = {k: v for k, v in config['model_overrides'].items() if k != 'distributions'}
-  return create_model(config['model'], num_classes=config['num_classes'], distributions=('clean',),
-                      **overrides)
+  overrides = {k: v for k, v in set_overrides(config['model_overrides']).items() if k != 'distributions'}
+  try:
+    return create_model(config['model'], num_classes=int(config['num_classes']), distributions=('clean',),
+                        **overrides)
+  except ValueError as e:
+    raise UserError(f'model {config["model"]} with model_overrides {overrides}: {e}') from None
 
 
 def inference_variables(config: Dict[str, Any], variables: dict) -> dict:
@@ -92,87 +207,197 @@ def inference_variables(config: Dict[str, Any], variables: dict) -> dict:
   return jax.tree.map(lambda a: np.asarray(a, np.float32), main)
 
 
-def _exported_config(config: Dict[str, Any]) -> Dict[str, Any]:
-  keep = dict(config)
-  keep['model_overrides'] = {k: v for k, v in config['model_overrides'].items() if k != 'distributions'}
-  return {k: keep[k] for k in CONFIG_KEYS + ('input_range',)}
+# --------------------------------------------------------------------------------------------------------
+# Output paths: checked before anything is read or written; written under a temporary name, then renamed
+# --------------------------------------------------------------------------------------------------------
+def _is_export(path: str, fmt: str) -> bool:
+  names = set(os.listdir(path))
+  if fmt == 'flax':
+    return names == {CONFIG_FILE, VARIABLES_DIR}
+  return 'saved_model.pb' in names
 
 
-def export_flax(config, variables, output: str) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  output = os.path.abspath(output)
-  os.makedirs(output, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(output, 'variables'), inference_variables(config, variables))
-  checkpointer.wait_until_finished()
-  with open(os.path.join(output, CONFIG_FILE), 'w') as f:
-    json.dump(_exported_config(config), f, indent=1)
+def check_output(output: str, fmt: str) -> str:
+  """The absolute output path, or one UserError naming it (wrong kind, not replaceable, not writable)."""
+  if not output:
+    raise UserError(f'--output is required: {"a .safetensors file" if fmt == "timm" else "a directory"} path')
+  if '://' in output:
+    raise UserError(f'--output={output}: export writes local paths only')
+  path = os.path.abspath(output)
+  if fmt == 'timm':
+    if os.path.isdir(path):
+      raise UserError(f'--output={output} is a directory; --format=timm writes one file, '
+                      f'e.g. --output={os.path.join(output, "model.safetensors")}')
+    if not path.endswith('.safetensors'):
+      raise UserError(f'--output={output}: --format=timm writes a .safetensors file; '
+                      'end the path in .safetensors')
+  elif os.path.exists(path):
+    if not os.path.isdir(path):
+      raise UserError(f'--output={output} is a file; --format={fmt} writes a directory')
+    if os.listdir(path) and not _is_export(path, fmt):
+      raise UserError(f'--output={output} exists and is not a {fmt} export; nothing was written: choose a new '
+                      'path (an earlier export of the same format is replaced, anything else is not)')
+  parent = os.path.dirname(path)
+  existing = parent
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'--output={output}: {existing} is not a writable directory')
+  return path
+
+
+def _write_atomically(output: str, fmt: str, write: Callable[[str], None]) -> str:
+  """write(tmp_path) next to the output, then rename it into place; nothing is left behind on failure."""
+  path = check_output(output, fmt)
+  parent = os.path.dirname(path)
+  created, probe = None, parent  # created: the topmost directory this call creates, if any
+  while not os.path.exists(probe):
+    created, probe = probe, os.path.dirname(probe)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=parent)
+  except OSError as e:
+    raise UserError(f'--output={output}: cannot write in {parent} ({e.strerror or e})') from None
+  try:
+    target = os.path.join(tmp, 'out')
+    write(target)
+    if fmt == 'timm':
+      umask = os.umask(0o22)
+      os.umask(umask)
+      os.chmod(target, 0o666 & ~umask)  # as a plain open() would create it (safetensors writes 0600)
+      os.replace(target, path)
+    elif os.path.isdir(path):  # an earlier export (or an empty directory): swap
+      old = os.path.join(tmp, 'old')
+      os.rename(path, old)
+      try:
+        os.rename(target, path)
+      except OSError:
+        os.rename(old, path)
+        raise
+    else:
+      os.rename(target, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if created:
+      shutil.rmtree(created, ignore_errors=True)
+    raise
+  shutil.rmtree(tmp, ignore_errors=True)
+  return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Formats
+# --------------------------------------------------------------------------------------------------------
+def export_flax(config, variables, output: str) -> str:
+  main = inference_variables(config, variables)
+
+  def write(target):
+    os.makedirs(target)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(target, VARIABLES_DIR), main)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(target, CONFIG_FILE), 'w', encoding='utf-8') as f:
+      json.dump(exported_config(config), f, indent=1)
+  return _write_atomically(output, 'flax', write)
 
 
 def load_exported_flax(path: str):
   """(config, module, variables) of a directory written by export_flax."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = read_config(path)
-  variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), 'variables'))
-  return config, inference_model(config), jax.tree.map(np.asarray, variables)
+  module = inference_model(config)
+  try:
+    variables = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), VARIABLES_DIR))
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for unreadable files
+    raise UserError(f'{os.path.join(path, VARIABLES_DIR)}: cannot read the exported weights '
+                    f'({type(e).__name__}: {one_line(e)})') from None
+  return config, module, jax.tree.map(np.asarray, variables)
 
 
-def export_timm(config, variables, output: str) -> None:
-  convert.save_timm_safetensors(inference_variables(config, variables), inference_model(config), output)
+def timm_metadata(config: Dict[str, Any]) -> Dict[str, str]:
+  """safetensors header metadata: our config, and timm's pretrained_cfg fields (mean/std in 0..1 units)."""
+  mean, std = pixel_stats(config)
+  size = int(config['image_size'])
+  return {TIMM_CONFIG_KEY: json.dumps(exported_config(config), sort_keys=True),
+          'mean': json.dumps([round(float(m) / 255, 6) for m in mean]),
+          'std': json.dumps([round(float(s) / 255, 6) for s in std]),
+          'input_size': json.dumps([3, size, size]), 'crop_pct': f'{float(config["crop_fraction"]):g}'}
+
+
+def export_timm(config, variables, output: str) -> str:
+  main = inference_variables(config, variables)
+  module = inference_model(config)
+  return _write_atomically(output, 'timm', lambda target: convert.save_timm_safetensors(
+      main, module, target, metadata=timm_metadata(config)))
 
 
 def export_savedmodel(config, variables, output: str, platforms=('cpu', 'cuda', 'tpu'),
-                      depthwise_impl=None) -> None:
+                      depthwise_impl=None) -> str:
   """platforms: where the SavedModel may run (jax2tf native serialization lowers once per platform).
   depthwise_impl: override the model's depthwise formulation (default 'auto' resolves on THIS machine's
   backend: 'shifted' when exporting on CPU, 'grouped' on GPU/TPU; both compute the same function)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   module = inference_model(config)
-  if depthwise_impl:
+  if depthwise_impl and hasattr(module, 'depthwise_impl'):
     module = module.clone(depthwise_impl=depthwise_impl)
-  size = int(config['image_size'])
-  low, high = (float(v) for v in config['input_range'])
-
-  def probabilities(v, images):
-    return jax.nn.softmax(module.apply(v, images, train=False), axis=-1)
-
-  converted = jax2tf.convert(probabilities, polymorphic_shapes=[None, '(b, ...)'], with_gradient=False,
-                             native_serialization_platforms=tuple(platforms))
-  holder = tf.Module()
-  holder.weights = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False),
-                                         inference_variables(config, variables))
-
-  @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, 'images')])
-  def serve(images):
-    return {'probabilities': converted(holder.weights, images)}
-
-  @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, 'images')])
-  def serve_uint8(images):
-    return serve(tf.cast(images, tf.float32) * ((high - low) / 255.0) + low)  # reuses serve's graph
-
-  holder.serve, holder.serve_uint8 = serve, serve_uint8
-  tf.saved_model.save(holder, output, signatures={'serving_default': serve, 'serving_uint8': serve_uint8})
+  mean, std = pixel_stats(config)
+  main = inference_variables(config, variables)
+  return _write_atomically(output, 'savedmodel', lambda target: savedmodel.save_savedmodel(
+      module, main, target, image_size=int(config['image_size']), pixel_mean=mean, pixel_std=std,
+      platforms=platforms))
 
 
-def export(workdir: str, fmt: str, output: str) -> None:
+def export(workdir: str, fmt: str, output: str, **kwargs) -> str:
+  """Exports the run in `workdir` as `fmt` to `output`; returns the absolute output path."""
   if fmt not in FORMATS:
-    raise ValueError(f'--format must be one of {FORMATS}, got {fmt!r}')
+    raise UserError(f'--format={fmt}: allowed: {", ".join(FORMATS)}')
+  check_workdir(workdir)
+  check_output(output, fmt)  # before the (slow) checkpoint read
   config, variables = load_inference_variables(workdir)
-  {'flax': export_flax, 'timm': export_timm, 'savedmodel': export_savedmodel}[fmt](config, variables, output)
+  writer = {'flax': export_flax, 'timm': export_timm, 'savedmodel': export_savedmodel}[fmt]
+  try:
+    return writer(config, variables, output, **kwargs)
+  except UserError:
+    raise
+  except ValueError as e:  # the checkpoint's variables do not fit the model that config.json describes
+    raise UserError(f'--workdir={workdir}: the newest checkpoint does not fit config.json '
+                    f'({one_line(e)})') from None
 
 
-def main(argv=None) -> None:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m advprop_jax.export', description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True, help='Training workdir (config.json + Orbax checkpoints).')
-  parser.add_argument('--format', default='flax', choices=FORMATS)
-  parser.add_argument('--output', required=True,
-                      help='Output path (directory for flax/savedmodel, file for timm).')
-  args = parser.parse_args(argv)
-  export(args.workdir, args.format, args.output)
-  print(f'Exported {args.workdir} as {args.format} to {args.output}')
+# --------------------------------------------------------------------------------------------------------
+# Command line (absl flags)
+# --------------------------------------------------------------------------------------------------------
+def define_flags(flag_values: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'Training run directory (config.json, checkpoints/).',
+                      flag_values=flag_values)
+  flags.DEFINE_enum('format', 'flax', FORMATS, 'Export format.', flag_values=flag_values)
+  flags.DEFINE_string('output', None, 'Output path: a directory for flax/savedmodel, a .safetensors file for '
+                      'timm.', flag_values=flag_values)
+  flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], f'savedmodel: platforms to lower for, '
+                    f'of {", ".join(PLATFORMS)}.', flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  status = [0]
+  with cli.user_errors('export', status):
+    if len(argv) > 1:
+      raise UserError(f'unexpected arguments {list(argv[1:])}: export takes flags only (--help lists them)')
+    unknown = sorted(set(flag_values.platforms) - set(PLATFORMS))
+    if unknown or not flag_values.platforms:
+      raise UserError(f'--platforms={",".join(flag_values.platforms)}: allowed: {", ".join(PLATFORMS)}')
+    kwargs = dict(platforms=tuple(flag_values.platforms)) if flag_values.format == 'savedmodel' else {}
+    path = export(flag_values.workdir, flag_values.format, flag_values.output, **kwargs)
+    print(f'Exported {flag_values.workdir} as {flag_values.format} to {path}')
+  return status[0]
+
+
+def call(argv: Sequence[str]) -> int:
+  """`advprop-export ARGS` in-process; returns the exit status."""
+  return cli.call(define_flags, main, 'export', argv)
+
+
+def run() -> None:
+  """Console script `advprop-export`."""
+  cli.run(main, 'export', __doc__, define_flags)
 
 
 if __name__ == '__main__':
-  main()
+  run()

@@ -20,14 +20,14 @@ from absl import flags
 
 from advprop_jax import cli
 
-FLAGS = flags.FLAGS
 GRACE_SECONDS = 30  # after one process fails, how long the others get to exit before they are killed
 
 
-def define_flags():
-  flags.DEFINE_integer('processes', 2, 'Number of processes (>= 1).')
-  flags.DEFINE_integer('devices_per_process', 1, 'CPU devices of each process (JAX_NUM_CPU_DEVICES).')
-  flags.DEFINE_integer('port', 0, 'Coordinator port on 127.0.0.1 (0: a free one).')
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_integer('processes', 2, 'Number of processes (>= 1).', **fv)
+  flags.DEFINE_integer('devices_per_process', 1, 'CPU devices of each process (JAX_NUM_CPU_DEVICES).', **fv)
+  flags.DEFINE_integer('port', 0, 'Coordinator port on 127.0.0.1 (0: a free one).', **fv)
 
 
 def free_port() -> int:
@@ -95,18 +95,18 @@ def _wait_any(processes):
       pass
 
 
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   trainer_args = argv[1:]
-  if FLAGS.processes < 1 or FLAGS.devices_per_process < 1:
-    cli.fail(f'--processes={FLAGS.processes} and --devices_per_process={FLAGS.devices_per_process} must '
-             'be >= 1')
+  if flag_values.processes < 1 or flag_values.devices_per_process < 1:
+    cli.fail(f'--processes={flag_values.processes} and --devices_per_process='
+             f'{flag_values.devices_per_process} must be >= 1')
   if not trainer_args:
     cli.fail('give the trainer\'s flags after --, e.g. -- --config=configs/demo.py --workdir=DIR')
-  sys.exit(launch(trainer_args, FLAGS.processes, FLAGS.devices_per_process, FLAGS.port))
+  sys.exit(launch(trainer_args, flag_values.processes, flag_values.devices_per_process, flag_values.port))
 
 
 def run():
-  cli.run(define_flags, main)
+  cli.run(main, 'advprop_jax.launch_local', __doc__, define_flags)
 
 
 if __name__ == '__main__':

@@ -24,58 +24,57 @@ from advprop_jax import trainer
 from advprop_jax import workdir as workdir_lib
 from advprop_jax.data import input_pipeline
 
-FLAGS = flags.FLAGS
 
-
-def define_flags():
-  """The CLI's flags, defined when it runs (so that every CLI module can be imported side by side)."""
+def define_flags(flag_values: flags.FlagValues) -> None:
+  fv = dict(flag_values=flag_values)
   config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py[:arg]).',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints and metrics.')
+                                  lock_config=True, **fv)
+  flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints and metrics.', **fv)
   flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
-                    'Call jax.distributed.initialize(): auto = on multi-host TPU VMs.')
+                    'Call jax.distributed.initialize(): auto = on multi-host TPU VMs.', **fv)
   flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 (with --distributed=yes; '
-                      'unset: detected on TPU VMs, SLURM, Open MPI).')
-  flags.DEFINE_integer('num_processes', None, 'Processes of the job (with --coordinator_address).')
-  flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
+                      'unset: detected on TPU VMs, SLURM, Open MPI).', **fv)
+  flags.DEFINE_integer('num_processes', None, 'Processes of the job (with --coordinator_address).', **fv)
+  flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.', **fv)
   flags.DEFINE_integer('heartbeat_timeout_seconds', 100, 'Multi-host: a process that stops answering '
-                       'for this long ends the job (with an error on every other process).')
+                       'for this long ends the job (with an error on every other process).', **fv)
   flags.DEFINE_bool('allow_schedule_change', False, 'Resume a run whose checkpoint was written with '
-                    'another batch size / learning rate / epochs / seed (refused otherwise).')
-  flags.mark_flags_as_required(['config', 'workdir'])
+                    'another batch size / learning rate / epochs / seed (refused otherwise).', **fv)
+  flags.mark_flags_as_required(['config', 'workdir'], **fv)
 
 
 def _multihost_tpu() -> bool:
   return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
 
 
-def _initialize_distributed():
-  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+def _initialize_distributed(flag_values):
+  explicit = (flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id)
   if any(v is not None for v in explicit):
-    if FLAGS.distributed != 'yes':
+    if flag_values.distributed != 'yes':
       cli.fail('--coordinator_address/--num_processes/--process_id need --distributed=yes')
     if any(v is None for v in explicit):
       cli.fail('--coordinator_address, --num_processes and --process_id go together (or none of them: '
                'detected on TPU VMs, SLURM, Open MPI)')
-    if not (FLAGS.num_processes >= 1 and 0 <= FLAGS.process_id < FLAGS.num_processes):
-      cli.fail(f'--process_id={FLAGS.process_id} must be in [0, --num_processes={FLAGS.num_processes})')
-  if FLAGS.distributed == 'yes' or (FLAGS.distributed == 'auto' and _multihost_tpu()):
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+    if not (flag_values.num_processes >= 1 and 0 <= flag_values.process_id < flag_values.num_processes):
+      cli.fail(f'--process_id={flag_values.process_id} must be in '
+               f'[0, --num_processes={flag_values.num_processes})')
+  if flag_values.distributed == 'yes' or (flag_values.distributed == 'auto' and _multihost_tpu()):
+    jax.distributed.initialize(coordinator_address=flag_values.coordinator_address,
+                               num_processes=flag_values.num_processes, process_id=flag_values.process_id,
+                               heartbeat_timeout_seconds=flag_values.heartbeat_timeout_seconds)
 
 
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
   input_pipeline.keep_tf_off_accelerators()
-  _initialize_distributed()
+  _initialize_distributed(flag_values)
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    final = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                       allow_schedule_change=FLAGS.allow_schedule_change)
+    final = trainer.train_and_evaluate(flag_values.config, flag_values.workdir,
+                                       allow_schedule_change=flag_values.allow_schedule_change)
   except config_lib.ConfigError as e:
     cli.fail(f'Config error: {e}')
   except (checkpoints.CheckpointMismatchError, workdir_lib.WorkdirError) as e:
@@ -90,12 +89,12 @@ def main(argv):
   if jax.process_index() == 0 and 'preempted_at_step' not in final:
     if final.get('already_finished'):
       print(f'This run already finished (step {final["step"]}); its final metrics:')
-    print(trainer.format_final_table(FLAGS.config, final))
+    print(trainer.format_final_table(flag_values.config, final))
 
 
 def run():
   """Console-script entry point."""
-  cli.run(define_flags, main)
+  cli.run(main, 'advprop_jax.main', __doc__, define_flags)
 
 
 if __name__ == '__main__':

@@ -66,8 +66,9 @@ def _progress_line(step, total_steps, means, images_per_sec, seconds_per_step) -
   accuracy = ''.join(f' | {name} acc {means[f"train/{key}"]:.3f}'
                      for name, key in (('clean', 'clean_accuracy'), ('adv', 'adv_accuracy'))
                      if f'train/{key}' in means)
+  eta = _duration((total_steps - step) * seconds_per_step)
   return (f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | loss {means["train/loss"]:.4f}'
-          f'{accuracy} | {images_per_sec:.1f} img/s | ETA {_duration((total_steps - step) * seconds_per_step)}')
+          f'{accuracy} | {images_per_sec:.1f} img/s | ETA {eta}')
 
 
 def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_change=False) -> dict:

@@ -1,4 +1,4 @@
-"""Pretrained weights in and out (issue #6): timm / TF import, timm / Flax / SavedModel export, predict.
+"""Pretrained weights in and out (issue #6): timm / TF import, timm / Flax / SavedModel export; ResNet <-> timm.
 
 Fixtures in tests/fixtures were made by scripts/make_timm_fixture.py with timm (torch is not needed here).
 """
@@ -17,6 +17,7 @@ from flax import traverse_util
 
 from advprop_jax import convert, export, predict
 from advprop_jax.models import create_model
+from export_fixtures import random_variables
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 with open(os.path.join(FIXTURES, 'tiny_timm.json')) as _f:
@@ -293,7 +294,7 @@ def test_export_flax_timm_savedmodel(workdir, tmp_path, tiny, tiny_variables, ti
   config3, _, predictor_variables = predict.load_predictor(str(tmp_path / 'flax'))
   assert config3 == config2 and jax.tree.structure(predictor_variables) == jax.tree.structure(main)
 
-  export.main([f'--workdir={workdir}', '--format=timm', f'--output={tmp_path / "w.safetensors"}'])
+  assert export.call([f'--workdir={workdir}', '--format=timm', f'--output={tmp_path / "w.safetensors"}']) == 0
   written = convert.load_state_dict(str(tmp_path / 'w.safetensors'))
   assert set(written) == set(timm_state)
   np.testing.assert_array_equal(written['blocks.1.0.bn3.running_var'], timm_state['blocks.1.0.bn3.running_var'])
@@ -313,30 +314,80 @@ def test_export_flax_timm_savedmodel(workdir, tmp_path, tiny, tiny_variables, ti
     export.export(workdir, 'onnx', str(tmp_path / 'x'))
 
 
-def test_eval_preprocessing_and_class_names(tmp_path):
-  from PIL import Image
-  pixels = np.random.RandomState(7).randint(0, 256, (40, 60, 3)).astype(np.uint8)  # h=40, w=60
-  x = predict.preprocess(Image.fromarray(pixels), 10, 0.5)
-  crop = pixels[10:30, 20:40]  # 0.5 * short side = 20, centred
-  expected = np.asarray(Image.fromarray(crop).resize((10, 10), Image.BICUBIC), np.float32) / 127.5 - 1
-  np.testing.assert_allclose(x, expected, atol=1e-6)
-  assert x.min() >= -1 and x.max() <= 1
-  names = predict.imagenet_class_names()
-  assert len(names) == 1000 and names[0].startswith('tench') and names[999].startswith('toilet tissue')
-  assert names[207].startswith('golden retriever') and all(names)
+# --------------------------------------------------------------------------------------------------------
+# ResNet <-> timm (= torchvision names)
+# --------------------------------------------------------------------------------------------------------
+def test_resnet50_mapping_has_torchvision_names_and_parameter_count():
+  table = convert.timm_mapping('resnet50', distributions=('clean',))
+  ours = {e.name: e.foreign_shape for e in table}
+  assert len(ours) == 267  # 53 convs, 53 BNs x 4, fc weight + bias (320 with num_batches_tracked)
+  assert {k: v for k, v in ours.items() if k.startswith('layer2.0.')} == {
+      'layer2.0.conv1.weight': (128, 256, 1, 1), 'layer2.0.conv2.weight': (128, 128, 3, 3),
+      'layer2.0.conv3.weight': (512, 128, 1, 1), 'layer2.0.downsample.0.weight': (512, 256, 1, 1),
+      **{f'layer2.0.{bn}.{leaf}': (c,) for bn, c in (('bn1', 128), ('bn2', 128), ('bn3', 512),
+                                                     ('downsample.1', 512))
+         for leaf in ('weight', 'bias', 'running_mean', 'running_var')}}
+  assert ours['conv1.weight'] == (64, 3, 7, 7) and ours['fc.weight'] == (1000, 2048)
+  assert 'layer4.2.bn3.bias' in ours
+  assert 'layer1.1.downsample.0.weight' not in ours and 'layer4.3.conv1.weight' not in ours
+  count = sum(int(np.prod(s)) for k, s in ours.items() if not k.endswith(('running_mean', 'running_var')))
+  assert count == 25_557_032
+  with pytest.raises(ValueError, match='timm'):
+    convert.tf_mapping('resnet50')
 
 
-def test_predict_cli(tmp_path, capsys, tiny_variables):
-  from PIL import Image
-  image = tmp_path / 'image.png'
-  Image.fromarray(np.random.RandomState(8).randint(0, 256, (50, 41, 3)).astype(np.uint8)).save(image)
-  predict.main([f'--checkpoint={os.path.join(FIXTURES, "tiny_timm.safetensors")}', '--model=efficientnet-b0',
-                f'--model_overrides={json.dumps(OVERRIDES)}', str(image)])
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[0] == str(image) and len(lines) == 6
-  probs = [float(line.split()[0]) for line in lines[1:]]
-  assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
-  # Same top-5 as the model on the same preprocessing, computed here.
-  x = predict.preprocess(str(image), 224, 0.875)[None]
-  expected = np.argsort(-np.asarray(APPLY(tiny_variables, x)), axis=-1)[0, :5]
-  assert [int(line.split()[1]) for line in lines[1:]] == expected.tolist()
+def _np_conv(x, w, stride, pad):
+  """torch Conv2d (no bias): NCHW input, OIHW weight, symmetric zero padding."""
+  x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+  kh, kw = w.shape[2:]
+  oh, ow = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
+  out = 0.0
+  for a in range(kh):
+    for b in range(kw):
+      out = out + np.einsum('nchw,oc->nohw', x[:, :, a:a + stride * oh:stride, b:b + stride * ow:stride],
+                            w[:, :, a, b])
+  return out
+
+
+def _np_resnet(sd, x, stage_sizes):
+  """An independent torchvision ResNet v1.5 forward (eval mode) on a timm/torchvision state dict."""
+  relu = lambda y: np.maximum(y, 0.0)
+
+  def bn(y, name):
+    shape = (1, -1, 1, 1)
+    scale = sd[name + '.weight'] / np.sqrt(sd[name + '.running_var'] + 1e-5)
+    centred = y - sd[name + '.running_mean'].reshape(shape)
+    return centred * scale.reshape(shape) + sd[name + '.bias'].reshape(shape)
+
+  y = relu(bn(_np_conv(x, sd['conv1.weight'], 2, 3), 'bn1'))
+  y = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)  # MaxPool2d(3, 2, padding=1)
+  oh, ow = (y.shape[2] - 3) // 2 + 1, (y.shape[3] - 3) // 2 + 1
+  y = np.max([y[:, :, a:a + 2 * oh:2, b:b + 2 * ow:2] for a in range(3) for b in range(3)], axis=0)
+  for s, blocks in enumerate(stage_sizes, 1):
+    for i in range(blocks):
+      p, stride = f'layer{s}.{i}.', 2 if i == 0 and s > 1 else 1
+      out = relu(bn(_np_conv(y, sd[p + 'conv1.weight'], 1, 0), p + 'bn1'))
+      out = relu(bn(_np_conv(out, sd[p + 'conv2.weight'], stride, 1), p + 'bn2'))
+      out = bn(_np_conv(out, sd[p + 'conv3.weight'], 1, 0), p + 'bn3')
+      if p + 'downsample.0.weight' in sd:
+        y = bn(_np_conv(y, sd[p + 'downsample.0.weight'], stride, 0), p + 'downsample.1')
+      y = relu(out + y)
+  return y.mean(axis=(2, 3)) @ sd['fc.weight'].T + sd['fc.bias']
+
+
+def test_resnet_timm_export_computes_the_same_function_and_round_trips():
+  overrides = dict(stage_sizes=(1, 2), base_width=4)
+  module = create_model('resnet50', num_classes=5, **overrides)  # clean + adv BNs
+  variables = random_variables(module, seed=9)
+  state = convert.flax_to_timm(variables, 'resnet50', **overrides)
+  assert state['layer1.0.downsample.0.weight'].shape == (16, 4, 1, 1)  # OIHW
+  assert state['fc.weight'].shape == (5, 32) and state['bn1.num_batches_tracked'].dtype == np.int64
+  x = np.random.RandomState(10).normal(size=(2, 17, 17, 3)).astype(np.float32)  # odd size: padding matters
+  logits = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
+  expected = _np_resnet({k: np.asarray(v, np.float64) for k, v in state.items()},
+                        x.transpose(0, 3, 1, 2).astype(np.float64), overrides['stage_sizes'])
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=1e-4)
+  back = flat(convert.timm_to_flax(state, 'resnet50', **overrides))  # num_classes from fc.weight
+  for path, value in flat(variables).items():
+    _, main = convert.mapping.split_distribution(path, module.distributions)
+    np.testing.assert_array_equal(back[path], flat(variables)[main], err_msg='/'.join(path))

@@ -263,3 +263,68 @@ def test_help():
   proc = run_script('--help')
   for word in ('create', 'setup', 'train', 'status', 'logs', 'stop', 'delete', '--dry-run'):
     assert word in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --dry-run anywhere never runs gcloud (#18: after `--` it went to the trainer and the real gcloud ran)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_gcloud(tmp_path):
+  """A `gcloud` first on PATH that records every call; returns (env, path of the record)."""
+  record = tmp_path / 'gcloud_calls'
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  gcloud_path = bin_dir / 'gcloud'
+  gcloud_path.write_text(f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(record))}\n')
+  gcloud_path.chmod(0o755)
+  env = _env()
+  env['PATH'] = f'{bin_dir}{os.pathsep}{env["PATH"]}'
+  return env, record
+
+
+def _run_with(env, *args):
+  return subprocess.run(['bash', SCRIPT, *args], capture_output=True, text=True, env=env,
+                        stdin=subprocess.DEVNULL, timeout=30)
+
+
+TRAIN = ['train', '--name=ap-b0', '--zone=us-central2-b', f'--config={CONFIG}', f'--workdir={WORKDIR}']
+
+
+def test_fake_gcloud_records_a_real_run(fake_gcloud):
+  env, record = fake_gcloud
+  proc = _run_with(env, *TRAIN, '--', '--config.method=advprop')
+  assert proc.returncode == 0, proc.stderr
+  calls = record.read_text().splitlines()
+  assert len(calls) == 2 and all(c.startswith('compute tpus tpu-vm ssh ap-b0') for c in calls)
+
+
+@pytest.mark.parametrize('tail', [
+    ['--', '--config.method=advprop', '--dry-run'],
+    ['--', '--dry-run=yes'],
+    ['--', '--dry-run', '--config.method=advprop'],
+])
+def test_dry_run_after_double_dash_is_a_dry_run(fake_gcloud, tail):
+  env, record = fake_gcloud
+  proc = _run_with(env, *TRAIN, *tail)
+  assert proc.returncode == 0, proc.stderr
+  assert not record.exists()  # gcloud never ran
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 2 and all(l.startswith('+ gcloud compute tpus tpu-vm ssh') for l in lines)
+  argv = _trainer_argv(flag(shlex.split(lines[1][2:]), '--command'))
+  assert not [a for a in argv if a.startswith('--dry-run')]  # not passed on to the trainer
+  assert [a for a in argv if a.startswith('--config.method')] == [a for a in tail if a.startswith('--config.')]
+  assert "launcher's dry run" in proc.stderr
+
+
+@pytest.mark.parametrize('args', [
+    [*TRAIN, '--', '--dry_run'],             # a look-alike after --: refused, not passed to the trainer
+    [*TRAIN, '--', '--dryrun=1'],
+    ['stop', '--name', '--dry-run', '--zone=z'],  # --dry-run where a value was expected
+    ['stop', '--name=n', '--zone=z', '--', '--dry-run'],  # trainer args for another command
+])
+def test_ambiguous_dry_run_exits_2_without_gcloud(fake_gcloud, args):
+  env, record = fake_gcloud
+  proc = _run_with(env, *args)
+  assert proc.returncode == 2, (proc.stdout, proc.stderr)
+  assert not record.exists()
+  assert 'error' in proc.stderr and not proc.stdout.strip()

@@ -1,9 +1,12 @@
-"""Name/layout mapping between our Flax EfficientNet and foreign checkpoints (timm, TF reference).
+"""Name/layout mapping between our Flax models and foreign checkpoints (timm; TF reference for EfficientNet).
 
 The Flax model is the source of truth: `entries(module, scheme)` walks the variable shapes that
 `jax.eval_shape(module.init)` produces (no weights are computed) and gives, for every variable of the main
 ('clean') distribution, the foreign tensor name, the foreign layout and the Flax path. Tiny variants built with
 `create_model(..., width=..., depth=...)` are therefore covered exactly like the full-size models.
+
+ResNets map onto timm's (= torchvision's) `resnet50` ... names (models/resnet.py's table); they have no TF
+reference names.
 
 Auxiliary distributions (AdvProp's 'adv', fine-grained 'adv1', ...) have no foreign counterpart: on import they
 are initialised as copies of the main BN (so AdvProp fine-tuning can start from a pretrained model), on export
@@ -21,6 +24,7 @@ from flax import traverse_util
 
 from advprop_jax.models import batchnorm
 from advprop_jax.models import create_model
+from advprop_jax.models import resnet
 
 Path = Tuple[str, ...]  # (collection, module, ..., leaf)
 CLEAN = batchnorm.CLEAN
@@ -55,6 +59,11 @@ _TO_FLAX = {
     'tf': {'conv': None, 'depthwise': (0, 1, 3, 2), 'dense': None, 'vector': None},
 }
 _BLOCK = re.compile(r'^blocks_(\d+)_(\d+)$')
+# ResNet (torchvision / timm names): Flax module inside a bottleneck `layer{s}_{i}` -> timm module.
+_RESNET_TOP = ('conv1', 'bn1', 'fc')
+_RESNET_BLOCK = re.compile(r'^layer(\d+)_(\d+)$')
+_RESNET_IN_BLOCK = {'conv1': 'conv1', 'bn1': 'bn1', 'conv2': 'conv2', 'bn2': 'bn2', 'conv3': 'conv3',
+                    'bn3': 'bn3', 'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +164,20 @@ def _foreign_name(path: Path, scheme: str, block_kinds: Dict[str, str], block_in
   return f'{prefix}/{"depthwise_kernel" if kind == "depthwise" else _TF_LEAF[leaf]}'
 
 
+def _resnet_name(path: Path) -> str:
+  collection, modules, leaf = path[0], path[1:-1], path[-1]
+  if len(modules) == 1 and modules[0] in _RESNET_TOP:
+    prefix = modules[0]
+  elif len(modules) == 2 and _RESNET_BLOCK.match(modules[0]) and modules[1] in _RESNET_IN_BLOCK:
+    stage, i = _RESNET_BLOCK.match(modules[0]).groups()
+    prefix = f'layer{stage}.{i}.{_RESNET_IN_BLOCK[modules[1]]}'
+  else:
+    raise ValueError(f'No timm name for Flax variable {"/".join(path)}: not a ResNet layer')
+  if collection not in ('params', 'batch_stats'):
+    raise ValueError(f'Unexpected variable collection {collection!r} at {"/".join(path)}')
+  return f'{prefix}.{_TIMM_LEAF[leaf]}'
+
+
 def _kind(path: Path, shape: Tuple[int, ...]) -> str:
   if len(shape) == 4:
     return 'depthwise' if path[-2] == 'depthwise_conv' else 'conv'
@@ -168,22 +191,33 @@ def entries(module: nn.Module, scheme: str) -> List[Entry]:
   if scheme not in _TO_FLAX:
     raise ValueError(f'scheme must be one of {tuple(_TO_FLAX)}, got {scheme!r}')
   paths = main_paths(module)
-  blocks = sorted({p[1] for p in paths if _BLOCK.match(p[1])},
-                  key=lambda b: tuple(int(g) for g in _BLOCK.match(b).groups()))
-  block_index = {b: i for i, b in enumerate(blocks)}
-  block_kinds = {b: 'ir' if ('params', b, 'expand_conv', 'kernel') in paths else 'ds' for b in blocks}
+  if isinstance(module, resnet.ResNet):
+    if scheme != 'timm':
+      raise ValueError(f'{type(module).__name__} has timm (torchvision) names only, no {scheme!r} names')
+    names = {path: _resnet_name(path) for path in paths}
+  else:
+    names = _efficientnet_names(paths, scheme)
   result = []
   for path, struct in paths.items():
     shape = tuple(struct.shape)
     kind = _kind(path, shape)
     axes = _TO_FLAX[scheme][kind]
     foreign_shape = shape if axes is None else tuple(shape[a] for a in np.argsort(axes))
-    result.append(Entry(_foreign_name(path, scheme, block_kinds, block_index, kind), path, kind, shape,
-                        foreign_shape))
-  names = [e.name for e in result]
-  if len(set(names)) != len(names):  # would be a bug in the tables above
-    raise AssertionError(f'Duplicate {scheme} names in the mapping: {sorted(n for n in set(names) if names.count(n) > 1)}')
+    result.append(Entry(names[path], path, kind, shape, foreign_shape))
+  listed = [e.name for e in result]
+  if len(set(listed)) != len(listed):  # would be a bug in the tables above
+    duplicates = sorted(n for n in set(listed) if listed.count(n) > 1)
+    raise AssertionError(f'Duplicate {scheme} names in the mapping: {duplicates}')
   return sorted(result, key=lambda e: e.name)
+
+
+def _efficientnet_names(paths, scheme: str) -> Dict[Path, str]:
+  blocks = sorted({p[1] for p in paths if _BLOCK.match(p[1])},
+                  key=lambda b: tuple(int(g) for g in _BLOCK.match(b).groups()))
+  block_index = {b: i for i, b in enumerate(blocks)}
+  block_kinds = {b: 'ir' if ('params', b, 'expand_conv', 'kernel') in paths else 'ds' for b in blocks}
+  return {path: _foreign_name(path, scheme, block_kinds, block_index, _kind(path, tuple(s.shape)))
+          for path, s in paths.items()}
 
 
 def raise_problems(problems: List[str], what: str) -> None:

@@ -1,4 +1,5 @@
-"""timm `tf_efficientnet_b{0..8}` (e.g. the `.ap_in1k` AdvProp weights) <-> our Flax EfficientNet.
+"""timm `tf_efficientnet_b{0..8}` (e.g. the `.ap_in1k` AdvProp weights) and `resnet50/101/152/200` <-> our Flax
+EfficientNet / ResNet.
 
 timm layouts: conv OIHW (depthwise [C, 1, k, k]), Linear [out, in], BN weight/bias/running_mean/running_var
 (+ the integer buffer num_batches_tracked, which holds no weights: ignored on import, written as 0 on export
@@ -7,6 +8,9 @@ so that `model.load_state_dict(sd, strict=True)` never depends on torch's BN ver
 import os
 from typing import Dict, Mapping, Optional, Union
 
+from safetensors import SafetensorError, safe_open
+from safetensors import numpy as safetensors_numpy
+
 import flax.linen as nn
 import numpy as np
 
@@ -14,12 +18,26 @@ from advprop_jax.convert import mapping
 
 NUM_BATCHES_TRACKED = 'num_batches_tracked'
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.tar')
+# The classifier of each model family: timm name of its weight [out, in], Flax module name (kernel [in, out]).
+_CLASSIFIERS = (('classifier.weight', 'classifier'), ('fc.weight', 'fc'))
 
 
 def _num_classes(state_dict: Mapping, num_classes: Optional[int], model_name) -> Optional[int]:
-  if num_classes is None and isinstance(model_name, str) and 'classifier.weight' in state_dict:
-    return int(np.shape(state_dict['classifier.weight'])[0])
+  if num_classes is None and isinstance(model_name, str):
+    for name, _ in _CLASSIFIERS:
+      if name in state_dict:
+        return int(np.shape(state_dict[name])[0])
   return num_classes
+
+
+def num_classes_of(variables: Mapping) -> Optional[int]:
+  """Output size of the classifier (EfficientNet 'classifier', ResNet 'fc') of Flax variables, else None."""
+  for _, module in _CLASSIFIERS:
+    try:
+      return int(np.shape(variables['params'][module]['kernel'])[1])
+    except (KeyError, TypeError, IndexError):
+      continue
+  return None
 
 
 def timm_to_flax(state_dict: Mapping[str, np.ndarray], model_name: Union[str, nn.Module], *,
@@ -49,14 +67,11 @@ def flax_to_timm(variables: Mapping, model_name: Union[str, nn.Module], *,
   """timm state dict (numpy, timm layouts) of the MAIN distribution of `variables`.
 
   Auxiliary-distribution variables are ignored (they may be present or absent). num_classes defaults to the
-  classifier kernel's column count. Loads into timm's `tf_efficientnet_bX` (timm.create_model(...,
-  num_classes=...)) with load_state_dict(strict=True).
+  classifier kernel's column count. Loads into timm's `tf_efficientnet_bX` / `resnetN`
+  (timm.create_model(..., num_classes=...)) with load_state_dict(strict=True).
   """
   if num_classes is None and isinstance(model_name, str):
-    try:
-      num_classes = int(np.shape(variables['params']['classifier']['kernel'])[1])
-    except (KeyError, TypeError, IndexError):
-      pass
+    num_classes = num_classes_of(variables)
   module = mapping.resolve_model(model_name, num_classes, **overrides)
   table = mapping.entries(module, 'timm')
   state = mapping.export_main(variables, module, table, 'timm',
@@ -81,8 +96,10 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
+    try:
+      return dict(safetensors_numpy.load_file(path))
+    except SafetensorError as e:
+      raise ValueError(f'{path}: not a readable safetensors file ({e})') from e
   if path.endswith(_TORCH_SUFFIXES):
     try:
       import torch
@@ -111,9 +128,19 @@ def load_timm_checkpoint(path: str, model_name: Union[str, nn.Module], **kwargs)
 
 
 def save_timm_safetensors(variables: Mapping, model_name: Union[str, nn.Module], path: str,
-                          **kwargs) -> Dict[str, np.ndarray]:
-  """Writes flax_to_timm(variables, model_name, **kwargs) to a safetensors file; returns the dict."""
-  from safetensors.numpy import save_file
+                          metadata: Optional[Mapping[str, str]] = None, **kwargs) -> Dict[str, np.ndarray]:
+  """Writes flax_to_timm(variables, model_name, **kwargs) to a safetensors file; returns the dict.
+
+  `metadata` (str -> str) is stored in the file's header next to {'format': 'pt'}."""
   state = flax_to_timm(variables, model_name, **kwargs)
-  save_file(state, os.fspath(path), metadata={'format': 'pt'})
+  safetensors_numpy.save_file(state, os.fspath(path), metadata={**dict(metadata or {}), 'format': 'pt'})
   return state
+
+
+def safetensors_metadata(path: str) -> Dict[str, str]:
+  """The str -> str metadata of a .safetensors file's header ({} when it has none); reads no tensor."""
+  try:
+    with safe_open(os.fspath(path), framework='np') as f:
+      return dict(f.metadata() or {})
+  except SafetensorError as e:
+    raise ValueError(f'{path}: not a readable safetensors file ({e})') from e

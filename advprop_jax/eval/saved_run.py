@@ -1,4 +1,5 @@
-"""Evaluating a saved run (a training workdir): its config, its newest checkpoint's weights, the evaluators, the outputs."""
+"""Evaluating a saved run (a training workdir): its config, its newest checkpoint's weights, the
+evaluators, the outputs."""
 import json
 import os
 

@@ -74,7 +74,8 @@ def _conv(features, kernel_size, *, strides=(1, 1), name=None, use_bias=False, d
   """nn.Conv, or the equivalent PointwiseConv for an unstrided 1x1 kernel."""
   kernel_init = kernel_init or conv_kernel_init()
   if tuple(kernel_size) == (1, 1) and tuple(strides) == (1, 1):
-    return conv_lib.PointwiseConv(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+    return conv_lib.PointwiseConv(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
+                                  name=name)
   return nn.Conv(features, kernel_size, strides=strides, use_bias=use_bias, dtype=dtype,
                  kernel_init=kernel_init, name=name)
 
