@@ -14,6 +14,7 @@
   working directory.
 """
 import contextlib
+import difflib
 import logging
 import os
 import re
@@ -92,7 +93,12 @@ def _define(define: Optional[Callable], flag_values: flags.FlagValues) -> None:
 def _parse(prog: str, flag_values: flags.FlagValues, argv: Sequence[str]):
   """flag_values(argv), with any failure (bad flag, config file, config field) as one line."""
   try:
-    return flag_values(list(argv))
+    rest = flag_values(list(argv))
+    for name in flag_values:  # config_flags defers a config file's load error until it is first read
+      value = flag_values[name].value
+      if type(value).__name__ == '_ErrorConfig':
+        value.keys()  # raises that error
+    return rest
   except Exception as e:  # pylint: disable=broad-except  (every parse failure is the user's input)
     raise UserError(describe_flag_error(e, argv)) from None
 
@@ -100,12 +106,15 @@ def _parse(prog: str, flag_values: flags.FlagValues, argv: Sequence[str]):
 def call(define: Callable[[flags.FlagValues], None], main: Callable, prog: str, argv: Sequence[str]) -> int:
   """main(args, flag_values) on flags parsed from `argv` (no program name); returns the exit status."""
   flag_values = flags.FlagValues()
-  _define(define, flag_values)
+  saved, sys.argv = sys.argv, [prog, *argv]  # config_flags reads --config.* overrides from sys.argv
   try:
-    rest = _parse(prog, flag_values, [prog, *argv])
+    _define(define, flag_values)
+    rest = _parse(prog, flag_values, sys.argv)
   except UserError as e:
     error(prog, e)
     return 2
+  finally:
+    sys.argv = saved
   return _guarded(main, prog)(rest, flag_values)
 
 
@@ -169,11 +178,37 @@ def describe_flag_error(error_: Exception, argv: Sequence[str]) -> str:
   missing = re.search(r"No such file or directory: '([^']*)'", text)
   if missing and 'config' in text.lower():
     return f'--config={missing.group(1)}: no such config file'
-  if isinstance(error_, (AttributeError, KeyError)):  # an override of a field the config does not have
-    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    named = [o for o in overrides if repr(o.split('.')[-1]) in text]
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    return (f'{(named or overrides or ["--config.?"])[0]}: no such config field' +
-            (f'; did you mean "{hint.group(1)}"?' if hint else '') +
+  unknown = re.search(r"Unknown command line flag '(config\.[^']+)'", text)
+  overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+  named = [o for o in overrides if o.split('.')[-1] in text or (unknown and o[2:] == unknown[1])]
+  if named and (unknown or isinstance(error_, (AttributeError, KeyError))):  # a field the config lacks
+    override = named[0]
+    hint = _closest_field(argv, override[len('--config.'):])
+    return (f'{override}: no such config field' + (f'; did you mean "{hint}"?' if hint else '') +
             ' (all fields, with comments: advprop_jax/config.py)')
   return text.splitlines()[0] if text else type(error_).__name__
+
+
+def _closest_field(argv: Sequence[str], field: str) -> Optional[str]:
+  """The config field closest to `field`, from the --config file of `argv` (None if it does not load)."""
+  from advprop_jax import config as config_lib  # pylint: disable=g-import-not-at-top  (only on errors)
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(':')
+  try:
+    config = config_lib.load_file(path, arg or None)
+  except Exception:  # pylint: disable=broad-except  (no hint then)
+    return None
+  fields = []
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      fields.append(prefix + key)
+      if hasattr(value, 'items'):
+        walk(value, f'{prefix}{key}.')
+  walk(config, '')
+  parent = field.rpartition('.')[0]
+  siblings = [f for f in fields if f.rpartition('.')[0] == parent] or fields
+  match = difflib.get_close_matches(field, siblings, n=1, cutoff=0.6)
+  return match[0] if match else None

@@ -12,6 +12,7 @@ jobs need only `--distributed=yes`.
 """
 import logging
 import os
+import sys
 
 from absl import flags
 import jax
@@ -64,6 +65,21 @@ def _initialize_distributed(flag_values):
                                heartbeat_timeout_seconds=flag_values.heartbeat_timeout_seconds)
 
 
+def _peer_lost(error: Exception):
+  """Ends this process of a multi-host job whose collective failed: another process has stopped.
+
+  One line, then os._exit: the interpreter's normal exit would run JAX's distributed shutdown, whose
+  barrier cannot complete without the lost process and aborts with a C++ stack dump.
+  """
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  cli.error('advprop_jax.main', f'process {jax.process_index()} of {jax.process_count()}: a collective '
+            f'with the other processes failed ({first}); another process of this job has stopped, so '
+            'this one stops too. Restart every process to resume from the last checkpoint.')
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
+
+
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
@@ -86,6 +102,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   except KeyboardInterrupt:
     cli.fail('Interrupted twice: stopped without saving; rerun to resume from the last checkpoint.',
              code=130)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _peer_lost(e)
   if jax.process_index() == 0 and 'preempted_at_step' not in final:
     if final.get('already_finished'):
       print(f'This run already finished (step {final["step"]}); its final metrics:')

@@ -162,7 +162,7 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
       means.update({'train/input_wait_fraction': wait_time / seconds,
                     'train/steps_per_sec': window_steps / seconds})
       writer.write_scalars(step, means)
-      if window_steps:
+      if window_steps and jax.process_index() == 0:  # one progress line per interval, not per host
         logging.info(_progress_line(step, total_steps, means, loader_batch * window_steps / seconds,
                                     seconds / window_steps))
       history, wait_time, window_start, window_steps = [], 0.0, time.time(), 0

@@ -1,4 +1,5 @@
 """advprop_jax.ablation: budget matching, table formatting, and a quick end-to-end run."""
+import json
 import os
 import re
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from advprop_jax import ablation
+from advprop_jax import cli
 from advprop_jax import factories
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,8 +50,10 @@ def test_table_mean_std_and_relative_step_time():
 @pytest.mark.slow
 def test_quick_ablation_end_to_end(tmp_path):
   workdir = str(tmp_path / 'ablation')
-  table = ablation.main([f'--workdir={workdir}', '--methods=vanilla,advprop', '--seeds=0',
-                         '--steps=3', '--quick', f'--config={CONFIG}'])
+  argv = [f'--workdir={workdir}', '--methods=vanilla,advprop', '--seeds=0', '--steps=3', '--quick',
+          f'--config={CONFIG}']
+  assert cli.call(ablation.define_flags, ablation.main, 'ablation', argv) == 0
+  table = json.load(open(os.path.join(workdir, 'ablation.json')))['table']
   assert list(table) == ['vanilla', 'advprop']
   with open(os.path.join(workdir, 'ablation.md')) as f:
     text = f.read()
@@ -75,16 +79,15 @@ def test_quick_ablation_end_to_end(tmp_path):
     assert os.path.exists(os.path.join(run, 'final_metrics.json'))
     assert os.path.exists(os.path.join(run, 'eval', 'eval_metrics.json'))
   # Rerunning reads the finished runs back (no retraining) and gives the same table.
-  again = ablation.main([f'--workdir={workdir}', '--methods=vanilla,advprop', '--seeds=0',
-                         '--steps=3', '--quick', f'--config={CONFIG}'])
-  assert again == table
+  assert cli.call(ablation.define_flags, ablation.main, 'ablation', argv) == 0
+  assert json.load(open(os.path.join(workdir, 'ablation.json')))['table'] == table
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--seeds=0,x'], '--seeds'), (['--seeds=,'], '--seeds'), (['--methods=vanilla,magic'], 'magic')])
 def test_bad_arguments_stop_before_training(tmp_path, capsys, argv, message):
-  with pytest.raises(SystemExit) as exit_info:
-    ablation.main([f'--workdir={tmp_path}'] + argv)
-  assert exit_info.value.code == 2
-  assert message in capsys.readouterr().err
+  status = cli.call(ablation.define_flags, ablation.main, 'ablation', [f'--workdir={tmp_path}'] + argv)
+  assert status == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.strip().splitlines()) == 1
   assert not list(tmp_path.iterdir())  # nothing written

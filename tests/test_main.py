@@ -128,9 +128,21 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, data_dir):
   assert refused.returncode == 2 and 'method' in refused.stderr
   assert sorted(os.listdir(killed / 'checkpoints')) == listing
 
+  # A finished run is kept: rerunning prints its metrics; another schedule is refused unless allowed.
+  stamp = os.stat(killed / 'final_metrics.json').st_mtime_ns
+  again = run_main(killed, *args)
+  assert again.returncode == 0 and 'already finished' in again.stdout
+  assert os.stat(killed / 'final_metrics.json').st_mtime_ns == stamp
+  refused = run_main(killed, *args, '--config.global_batch_size=64')
+  assert refused.returncode == 2 and 'global_batch_size' in refused.stderr
+  assert '--allow_schedule_change' in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+  assert sorted(os.listdir(killed / 'checkpoints')) == listing
+  assert os.stat(killed / 'final_metrics.json').st_mtime_ns == stamp
+
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_and_exit_cleanly(tmp_path, data_dir, sig):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'advprop_jax.main', '--config=configs/demo.py',
          f'--workdir={workdir}', *TINY, f'--config.data.data_dir={data_dir}',
@@ -140,9 +152,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   for line in process.stdout:  # wait until training runs
     if '] train/' in line:
       break
-  process.send_signal(signal.SIGTERM)
-  process.communicate(timeout=300)
-  assert process.returncode == 0
+  process.send_signal(sig)
+  out, _ = process.communicate(timeout=300)
+  assert process.returncode == 0 and 'Traceback' not in out, out[-3000:]
   steps = [int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit()]
   assert len(steps) == 1 and steps[0] >= 4
 

@@ -73,10 +73,11 @@ def _prepare_once(builder, data_dir):
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, f'.{builder.name}.prepare.lock'), 'a') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-    builder = tfds.builder(builder.name, data_dir=data_dir)
     if not builder.is_prepared():
+      tfds.disable_progress_bar()  # a few seconds; the bars would fill the log
       builder.download_and_prepare()
-  return builder
+      return builder
+  return tfds.builder(builder.name, data_dir=data_dir)  # another process prepared it meanwhile
 
 
 def _split_info(builder, split):

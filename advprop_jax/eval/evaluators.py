@@ -216,6 +216,16 @@ def evaluator_plan(config, names=None):
   return plan
 
 
+def _summary(out) -> str:
+  if 'top1' in out:
+    return f'top-1 {out["top1"]:.4f} on {out["count"]} examples'
+  if 'by_epsilon_pixels' in out:
+    return ', '.join(f'eps {e} px top-1 {r["top1"]:.4f}' for e, r in out['by_epsilon_pixels'].items())
+  if 'mce' in out:
+    return f'mCE {out["mce"]:.4f}'
+  return f'mean corruption error {out.get("mean_corruption_error", float("nan")):.4f}'
+
+
 def run_evaluators(ctx, variables, plan) -> dict:
   """Runs each evaluator; one that raises Skipped is recorded as skipped and the rest still run."""
   results = {}
@@ -231,5 +241,7 @@ def run_evaluators(ctx, variables, plan) -> dict:
       out = {'status': 'skipped', 'reason': str(e)}
       logging.warning('Evaluator %s skipped: %s', name, e)
     out['seconds'] = round(time.time() - start, 2)
+    if out['status'] == 'ok':
+      logging.info('evaluator %s: %s (%.1f s)', name, _summary(out), out['seconds'])
     results[name] = out
   return results

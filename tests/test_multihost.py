@@ -1,0 +1,163 @@
+"""The multi-host path, as local processes over JAX's CPU collectives (issue #16): per-process input
+shards, process 0 writing, every process in checkpointing, exact resume, one process failing."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from advprop_jax import checkpoints
+from advprop_jax import factories
+from advprop_jax import parallel
+from advprop_jax import step as step_lib
+from advprop_jax.eval import saved_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=configs/demo.py', '--config.model_overrides.stages=((1,3,1,1,16),(1,3,2,6,24))',
+        '--config.model_overrides.head_features=64', '--config.model_overrides.depthwise_impl=grouped',
+        '--config.data.image_size=16', '--config.global_batch_size=32', '--config.max_steps=12',
+        '--config.checkpoint_every_steps=4', '--config.log_every_steps=4', '--config.eval_every_epochs=100',
+        '--config.eval_pgd_epsilons_pixels=(4.0,)']
+# Subprocesses share the suite's persistent compilation cache: a program compiled once is reused.
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1',
+           JAX_COMPILATION_CACHE_DIR=os.environ.get('ADVPROP_JAX_TEST_CACHE', os.path.join(REPO, '.jax_cache')))
+
+pytestmark = pytest.mark.slow
+
+
+def launch(workdir, data_dir, *extra, processes=2, timeout=900):
+  cmd = [sys.executable, '-m', 'advprop_jax.launch_local', f'--processes={processes}', '--',
+         *TINY, f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def final(workdir):
+  with open(os.path.join(workdir, 'final_metrics.json')) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory, data_dir):
+  """An uninterrupted 2-process x 1-device run of the tiny demo (12 steps); both processes start with
+  the dataset unprepared, so one prepares it while the other waits."""
+  workdir = str(tmp_path_factory.mktemp('two') / 'run')
+  result = launch(workdir, data_dir)
+  assert result.returncode == 0, result.stdout[-4000:]
+  return workdir, result.stdout
+
+
+def test_two_processes_train_end_to_end(two_process_run):
+  workdir, out = two_process_run
+  metrics = final(workdir)
+  assert metrics['eval_examples'] == 360 and metrics['step'] == 12  # exact eval over both processes
+  assert 'JAX process 1 of 2, 1 local / 2 global devices' in out
+  # Process 0 alone writes: one events file, one config.json, one progress line per interval.
+  assert len(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))) == 1
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+  assert '[process 0] ' in out and not [l for l in out.splitlines() if '[process 1]' in l and 'step 4/12' in l]
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()) == [4, 8, 12]
+
+
+def test_evaluated_and_exported_by_one_process(two_process_run, tmp_path):
+  workdir, _ = two_process_run
+  out = subprocess.run([sys.executable, '-m', 'advprop_jax.evaluate', f'--workdir={workdir}',
+                        '--evaluators=clean', f'--output={tmp_path / "eval"}'], cwd=REPO,
+                       capture_output=True, text=True, env=ENV, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  evaluated = json.loads((tmp_path / 'eval' / 'eval_metrics.json').read_text())['results']['clean']
+  assert evaluated['count'] == 360
+  assert abs(evaluated['top1'] - final(workdir)['ema_clean_top1']) <= 1 / 360  # 1 vs 2 devices
+  out = subprocess.run([sys.executable, '-m', 'advprop_jax.export', f'--workdir={workdir}', '--format=flax',
+                        f'--output={tmp_path / "export"}'], cwd=REPO, capture_output=True, text=True,
+                       env=ENV, timeout=600)
+  assert out.returncode == 0 and (tmp_path / 'export' / 'config.json').exists(), out.stderr[-3000:]
+
+
+def test_checkpoint_of_two_devices_restores_on_one_and_on_four(two_process_run):
+  workdir, _ = two_process_run
+  config = saved_run.load_config(workdir)  # the run's config.json, as evaluate and export read it
+  model = factories.build_model(config)
+  tx, _ = factories.build_optimizer(config, 22.5)
+  restored = []
+  for n in (1, 4):
+    mesh = parallel.create_mesh(-1, jax.devices()[:n])
+    with checkpoints.Checkpointer(workdir, every_steps=100, keep=3,
+                                  config_fingerprint=factories.fingerprint(config)) as ck:
+      state, extra = ck.restore_latest(step_lib.abstract_train_state(model, tx, 16, mesh), mesh)
+    assert int(state.step) == 12 and extra['data_step'] == 12
+    assert {d.id for d in jax.tree.leaves(state)[0].sharding.device_set} == {d.id for d in jax.devices()[:n]}
+    restored.append(jax.device_get(state))
+  jax.tree.map(np.testing.assert_array_equal, restored[0], restored[1])  # weights, optimizer, EMA: exact
+  ema, _ = checkpoints.load_inference_variables(workdir)
+  np.testing.assert_array_equal(ema['params']['classifier']['kernel'],
+                                restored[0].ema_params['classifier']['kernel'])
+
+
+def test_resume_in_one_process_continues_the_run(two_process_run, tmp_path, data_dir):
+  """Another process count resumes the state exactly and continues at its step; the data stream is then
+  the new layout's (each process shuffles its own shard), as documented in docs/tpu.md."""
+  workdir, _ = two_process_run
+  copy = tmp_path / 'copy'
+  subprocess.run(['cp', '-r', workdir, str(copy)], check=True)
+  cmd = [sys.executable, '-m', 'advprop_jax.main', *TINY, f'--workdir={copy}',
+         f'--config.data.data_dir={data_dir}', '--config.max_steps=16']
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'Starting at step 12 (resumed)' in out.stderr
+  assert final(copy)['step'] == 16 and final(copy)['eval_examples'] == 360
+
+
+def test_both_processes_killed_then_restarted_equals_uninterrupted(two_process_run, tmp_path, data_dir):
+  reference, _ = two_process_run
+  workdir = tmp_path / 'killed'
+  cmd = [sys.executable, '-m', 'advprop_jax.launch_local', '--processes=2', '--', *TINY,
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}']
+  launcher = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+  deadline = time.time() + 900
+  while not (workdir / 'checkpoints' / '8').exists():
+    assert launcher.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both training processes
+  launcher.wait()
+  assert not (workdir / 'final_metrics.json').exists()
+  resumed = launch(str(workdir), data_dir)
+  assert resumed.returncode == 0 and 'resumed' in resumed.stdout, resumed.stdout[-3000:]
+  assert final(str(workdir)) == final(reference)  # bitwise equal floats
+
+
+def test_a_process_that_dies_alone_ends_the_job_with_a_clear_error(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  port = subprocess.run([sys.executable, '-c', 'from advprop_jax import launch_local as l; print(l.free_port())'],
+                        cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+  common = [sys.executable, '-m', 'advprop_jax.main', *TINY, f'--workdir={workdir}',
+            f'--config.data.data_dir={data_dir}', '--config.max_steps=100000',
+            '--config.checkpoint_every_steps=100000', '--distributed=yes',
+            f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--heartbeat_timeout_seconds=10']
+  env = dict(ENV, JAX_NUM_CPU_DEVICES='1')
+  first = subprocess.Popen(common + ['--process_id=0'], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  second = subprocess.Popen(common + ['--process_id=1'], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  lines = []
+  for line in first.stderr:  # until training runs
+    lines.append(line)
+    if 'step 8/' in line:
+      break
+  second.send_signal(signal.SIGKILL)
+  killed = time.time()
+  _, rest = first.communicate(timeout=300)
+  assert time.time() - killed < 120 and first.returncode == 1, rest[-3000:]
+  last = rest.strip().splitlines()[-1]
+  assert 'another process of this job has stopped' in last and 'Fatal Python error' not in rest
