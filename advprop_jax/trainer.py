@@ -56,12 +56,12 @@ def loader_batch_size(config) -> int:
   return config.global_batch_size
 
 
-def steps_per_epoch(config) -> int:
-  return max(1, input_pipeline.num_examples(config.data, config.data.train_split)
-             // loader_batch_size(config))
+def steps_per_epoch(config) -> float:
+  return optim.steps_per_epoch(input_pipeline.num_examples(config.data, config.data.train_split),
+                               loader_batch_size(config))
 
 
-def build_optimizer(config, steps_per_epoch_: int):
+def build_optimizer(config, steps_per_epoch_: float):
   base_lr = config.base_learning_rate * config.global_batch_size / 256
   lr_fn = optim.learning_rate_schedule(
       base_lr=base_lr, steps_per_epoch=steps_per_epoch_, num_epochs=config.num_epochs,
@@ -117,16 +117,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = parallel.create_mesh(config.bn_group_size)
   try:  # also checks that the dataset exists, before the workdir is touched
-    spe = steps_per_epoch(config)
+    num_train = input_pipeline.num_examples(config.data, config.data.train_split)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f'config.data (dataset={config.data.dataset!r}, '
                                  f'data_dir={config.data.data_dir!r}): {e}') from e
-  total_steps = int(config.num_epochs * spe)
+  spe = optim.steps_per_epoch(num_train, loader_batch_size(config))
+  total_steps = optim.epochs_to_steps(config.num_epochs, num_train, loader_batch_size(config))
   if config.max_steps is not None:
     total_steps = min(total_steps, config.max_steps)
   model = build_model(config)
   tx, lr_fn = build_optimizer(config, spe)
-  logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%d per epoch)',
+  logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%.3f per epoch)',
                jax.process_count(), jax.device_count(), dict(mesh.shape), total_steps,
                loader_batch_size(config), spe)
 
@@ -161,7 +162,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           num_profile_steps=config.profile_steps[1] -
                                           config.profile_steps[0]))
   step_rng = jax.random.PRNGKey(config.seed + 1)
-  eval_every = max(1, int(config.eval_every_epochs * spe))
+  eval_every = max(1, optim.epochs_to_steps(config.eval_every_epochs, num_train,
+                                            loader_batch_size(config)))
   history, wait_time, window_start = [], 0.0, time.time()
 
   step = start_step
