@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from advprop_jax.data import autoaugment
 from advprop_jax.data import preprocessing
 
 DIGITS = 'sklearn_digits'
@@ -41,8 +42,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.train_split = 'train'
   c.eval_split = 'validation'
   c.image_size = 224
-  # Eval crop side = crop_fraction * min(h, w). None = the reference rule S/(S+32) (0.875 at 224),
-  # which stays right when only image_size is changed.
+  # Eval crop side = int(crop_fraction * min(h, w)). None = the reference's exact S/(S+32) (0.875 at
+  # 224), which stays right when only image_size is changed. timm's rounded crop_pct (.882 for B1, ...,
+  # models.efficientnet.SCALING) is 1 px off it for ~21 % of image sizes. With eval_preprocessing='timm'
+  # it is timm's crop_pct (short side resized to floor(S / crop_fraction); None: S + 32).
   c.crop_fraction = ml_collections.config_dict.placeholder(float)
   c.train_crop = 'inception'  # 'inception' | 'resize'
   c.random_flip = True
@@ -53,8 +56,38 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.cache = False  # cache decoded, unaugmented images (small datasets only)
   c.shuffle_buffer = 16384  # clamped to the process' shard size
   c.skip_decode_errors = False
-  c.resize_method = 'bicubic'
+  # Resize kernel of the train and eval crops, preprocessing.RESIZE_METHODS: 'tf1_bicubic' (the reference:
+  # tf.compat.v1.image.resize_bicubic, Keys a=-0.75, no half-pixel centres) | 'tf2_bicubic'
+  # (tf.image.resize bicubic: half-pixel, a=-0.5; up to ~100 grey levels away).
+  c.resize_method = 'tf1_bicubic'
+  # Eval transform, preprocessing.EVAL_PREPROCESSINGS: 'tf_reference' (center crop, resize_method, no
+  # clipping) | 'timm' (timm's: short side to floor(S / crop_fraction) with PIL bicubic, center crop S;
+  # what timm's numbers for the ported tf_efficientnet_*.ap_in1k weights use).
+  c.eval_preprocessing = 'tf_reference'
+  # AutoAugment/RandAugment op semantics, autoaugment.AUGMENT_SEMANTICS: 'tf_reference' (what the
+  # reference's uint8 TF code computed: Solarize(256) inverts every pixel, RandAugment's Contrast blends
+  # towards pixel_count/256, Posterize bits > 8 keeps 1 bit) | 'pil' (PIL's definitions for those ops).
+  c.augment_semantics = 'tf_reference'
   return c
+
+
+# Allowed values of the data_config fields that select a behaviour by name (config validation uses
+# this table; the pipelines also check it before building anything).
+CHOICES = {
+    'train_crop': ('inception', 'resize'),
+    'augment': ('autoaugment', 'randaugment', 'none'),
+    'resize_method': preprocessing.RESIZE_METHODS,
+    'eval_preprocessing': preprocessing.EVAL_PREPROCESSINGS,
+    'augment_semantics': autoaugment.AUGMENT_SEMANTICS,
+}
+
+
+def check_choices(data_config) -> None:
+  """Raises ValueError naming the first data_config field whose value is not allowed."""
+  for field, allowed in CHOICES.items():
+    if data_config[field] not in allowed:
+      raise ValueError(f'data_config.{field}={data_config[field]!r} is not allowed; choose one of '
+                       f'{allowed}')
 
 
 # ------------------------------------------------------------------------------ dataset lookup
@@ -170,6 +203,7 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
   With start_step=k it yields exactly what a fresh iterator yields from its batch k on (unless
   skip_decode_errors dropped records, which shifts later batches).
   """
+  check_choices(data_config)
   pi, pc = _process(process_index, process_count)
   builder = _builder(data_config)
   _split_info(builder, data_config.train_split)
@@ -206,7 +240,7 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
         augment=data_config.augment, randaugment_layers=data_config.randaugment_layers,
         randaugment_magnitude=data_config.randaugment_magnitude,
         normalization=data_config.normalization, resize_method=data_config.resize_method,
-        crop_fraction=data_config.crop_fraction)
+        crop_fraction=data_config.crop_fraction, augment_semantics=data_config.augment_semantics)
     return {'image': image, 'label': ex['label']}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -221,6 +255,7 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
                  process_index=None, process_count=None) -> tf.data.Dataset:
   """One pass of {'image', 'label', 'mask' (float32, 0 = padding)} batches; every process yields
   the same number of batches and the masks sum to the split size over all processes."""
+  check_choices(data_config)
   split = split or data_config.eval_split
   pi, pc = _process(process_index, process_count)
   builder = _builder(data_config)
@@ -233,7 +268,8 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
   def prepare(ex):
     image = preprocessing.preprocess_for_eval(
         ex['image'], image_size=data_config.image_size, crop_fraction=data_config.crop_fraction,
-        normalization=data_config.normalization, resize_method=data_config.resize_method)
+        normalization=data_config.normalization, resize_method=data_config.resize_method,
+        eval_preprocessing=data_config.eval_preprocessing)
     return {'image': image, 'label': ex['label'], 'mask': tf.constant(1.0)}
 
   ds = _records(builder, shard, data_config, n)
