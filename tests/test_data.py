@@ -389,3 +389,12 @@ def test_bad_inputs_give_clear_errors(fake_imagenet, tmp_path, digits_config):
     with pytest.raises(ValueError, match='process_index'):
       ip.eval_dataset(imagenet_config(), per_process_batch_size=2, process_index=2,
                       process_count=2)
+
+
+@pytest.mark.slow  # ~30 s: traces one graph per (op, level, sign) of policy v0
+def test_reference_peer_and_ours_identical_with_the_same_draws():
+  # benchmarks/reference_preprocessing.py re-expresses the TF reference's preprocessing for timing;
+  # with our random draws its eval, train and AutoAugment-op outputs must equal ours bit for bit.
+  from benchmarks import input_pipeline as bench
+  counts = bench.check_identical(bench.synthetic_jpegs(3, height=90, width=120), image_size=40)
+  assert counts == {'eval_images': 3, 'train_images': 3, 'autoaugment_op_cases': 192}

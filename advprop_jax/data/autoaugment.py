@@ -77,23 +77,33 @@ def blend(image1, image2, factor):
   return tf.cast(tf.clip_by_value(image1 + factor * (image2 - image1), 0.0, 255.0), tf.uint8)
 
 
+def select(cond, a, b):
+  """tf.where(cond, a, b) for uint8 tensors of one shape, as b ^ ((a ^ b) & mask): on CPU tf.where
+  takes ~15 ns an element (2 ms for a 224 px image), about 10x these few bitwise passes."""
+  mask = tf.cast(cond, tf.uint8) * 255
+  return tf.bitwise.bitwise_xor(b, tf.bitwise.bitwise_and(tf.bitwise.bitwise_xor(a, b), mask))
+
+
 def invert(image):
   return 255 - image
 
 
 def solarize(image, threshold=128, semantics='tf_reference'):
+  """x < threshold ? x : 255 - x, computed as x ^ 255 where inverted (255 - x == x ^ 255 in uint8)."""
   threshold = tf.cast(threshold, tf.int32)
   if semantics == 'tf_reference':  # uint8 threshold: wraps (256 -> 0: everything is inverted)
-    below = image < tf.cast(tf.math.floormod(threshold, 256), tf.uint8)
+    inverted = image >= tf.cast(tf.math.floormod(threshold, 256), tf.uint8)
+    flip = tf.constant(255, tf.uint8)
   else:  # PIL: a threshold above 255 inverts nothing
-    below = (image < tf.cast(tf.minimum(threshold, 255), tf.uint8)) | (threshold > 255)
-  return tf.where(below, image, 255 - image)
+    inverted = image >= tf.cast(tf.minimum(threshold, 255), tf.uint8)
+    flip = tf.cast(threshold <= 255, tf.uint8) * 255
+  return tf.bitwise.bitwise_xor(image, tf.cast(inverted, tf.uint8) * flip)
 
 
 def solarize_add(image, addition=0, threshold=128):
   added = tf.cast(image, tf.int32) + tf.cast(addition, tf.int32)
   added = tf.cast(tf.clip_by_value(added, 0, 255), tf.uint8)
-  return tf.where(tf.cast(image, tf.int32) < threshold, added, image)
+  return select(image < tf.constant(threshold, tf.uint8), added, image)
 
 
 def posterize(image, bits, semantics='tf_reference'):
@@ -132,7 +142,7 @@ def sharpness(image, factor):
   smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1], 'VALID')
   smooth = tf.cast(tf.clip_by_value(smooth[0], 0.0, 255.0), tf.uint8)
   mask = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
-  degenerate = tf.where(mask == 1, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
+  degenerate = select(mask == 1, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
   return blend(degenerate, image, factor)
 
 
@@ -141,25 +151,33 @@ def autocontrast(image):
   def channel(im):
     lo = tf.cast(tf.reduce_min(im), tf.float32)
     hi = tf.cast(tf.reduce_max(im), tf.float32)
-    scale = 255.0 / tf.maximum(hi - lo, 1.0)
-    stretched = tf.cast(tf.clip_by_value(tf.cast(im, tf.float32) * scale - lo * scale, 0., 255.),
-                        tf.uint8)
-    return tf.where(hi > lo, stretched, im)
+    def stretch():
+      scale = 255.0 / (hi - lo)
+      return tf.cast(tf.clip_by_value(tf.cast(im, tf.float32) * scale - lo * scale, 0., 255.),
+                     tf.uint8)
+    return tf.cond(hi > lo, stretch, lambda: im)  # a scalar choice: cond, not an image-sized where
   return tf.stack([channel(image[:, :, c]) for c in range(3)], axis=2)
 
 
 def equalize(image):
-  """PIL ImageOps.equalize, per channel, with PIL's integer rounding."""
-  def channel(im):
-    im = tf.cast(im, tf.int32)
-    histo = tf.histogram_fixed_width(im, [0, 255], nbins=256)
+  """PIL ImageOps.equalize, per channel, with PIL's integer rounding.
+
+  The three channel tables are concatenated and applied with ONE gather on value + 256 * channel:
+  per-channel gathers restacked on the last axis cost about twice as much on CPU.
+  """
+  pixels = tf.cast(image, tf.int32)
+  tables = []
+  for c in range(3):
+    histo = tf.histogram_fixed_width(pixels[:, :, c], [0, 255], nbins=256)
     nonzero = tf.boolean_mask(histo, histo != 0)
     step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
     safe_step = tf.maximum(step, 1)
     lut = (tf.cumsum(histo) + safe_step // 2) // safe_step
     lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-    return tf.cast(tf.where(step == 0, im, tf.gather(lut, im)), tf.uint8)
-  return tf.stack([channel(image[:, :, c]) for c in range(3)], axis=2)
+    tables.append(tf.where(step == 0, tf.range(256), lut))  # step 0: channel unchanged
+  table = tf.cast(tf.concat(tables, 0), tf.uint8)
+  offsets = tf.reshape(tf.tile(tf.constant([0, 256, 512]), [tf.size(pixels) // 3]), tf.shape(pixels))
+  return tf.gather(table, pixels + offsets)
 
 
 def _transform(image, matrix):
@@ -207,7 +225,8 @@ def cutout(image, pad_size, center_h, center_w, replace=REPLACE):
   cols = tf.range(w)[None, :]
   inside = ((rows >= center_h - pad_size) & (rows < center_h + pad_size) &
             (cols >= center_w - pad_size) & (cols < center_w + pad_size))
-  return tf.where(inside[:, :, None], tf.cast(replace, image.dtype), image)
+  inside = tf.tile(inside[:, :, None], [1, 1, 3])
+  return select(inside, tf.fill(tf.shape(image), tf.cast(replace, image.dtype)), image)
 
 
 # ------------------------------------------------------------------------ levels -> arguments

@@ -156,11 +156,13 @@ def preprocess_for_train(image, seed, *, image_size, train_crop='inception', ran
   else:
     raise ValueError(f"train_crop must be 'inception' or 'resize', got {train_crop!r}")
   image = resize(image, image_size, resize_method, clip=False)
+  if augment != 'none':
+    # The reference augments uint8 pixels: clip and truncate, as it does. (It flips before this;
+    # clipping and casting are per pixel, so flipping the uint8 image after is the same, 4x cheaper.)
+    image = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
   if random_flip:  # after the resize, as the reference (TF1 bicubic is not mirror-symmetric)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if augment != 'none':
-    # The reference augments uint8 pixels: clip and truncate, as it does.
-    image = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
     if augment == 'autoaugment':
       image = autoaugment.distort_image_with_autoaugment(image, aug_seed,
                                                          semantics=augment_semantics)
