@@ -8,8 +8,9 @@ train_dataset (fused JPEG decode + Inception crop, TF1 bicubic resize, flip, Aut
 [-1, 1] normalisation) against the reference's preprocess_image(is_training=True) re-written as a
 measured peer in benchmarks/reference_preprocessing.py (its output is not normalised: the reference did
 that on the TPU). Both run in tf.data with `threads` map threads and private thread pools, batch 32;
-record I/O is left out. Reported: images/s of wall time and images per CPU-second of this process (the
-latter is insensitive to other jobs on a shared machine), median over rounds.
+record I/O is left out. Reported: images/s of wall time and images per CPU-second of this process
+(time.process_time, all threads: less sensitive to other jobs on a shared machine), medians over rounds,
+and the median of the per-round ratios ours / reference (each round's two runs are back to back).
 
 Before timing it checks that the outputs are identical where the semantics are: eval preprocessing on
 every image; train preprocessing without augmentation with the reference driven by our random draws;
@@ -18,7 +19,6 @@ each of policy v0's (op, level, sign) on train crops. Prints one JSON line per s
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
@@ -69,21 +69,16 @@ def build(jpegs, fn, threads, batch_size):
   return ds.with_options(opts)
 
 
-def _cpu_seconds():
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
-
-
 def measure(ds, seconds, batch_size):
   """(images/s wall, images per CPU-second of this process)."""
   it = iter(ds)
   for _ in range(3):  # warm-up: tracing, thread start, prefetch fill
     next(it)
-  n, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+  n, start, cpu = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
     next(it)
     n += batch_size
-  return n / (time.perf_counter() - start), n / (_cpu_seconds() - cpu)
+  return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
 # --------------------------------------------------------------------------------- identity
@@ -173,6 +168,9 @@ def main():
                                             row['reference_images_per_s'], 3)
     row['ours_over_reference_cpu'] = round(row['ours_images_per_cpu_s'] /
                                            row['reference_images_per_cpu_s'], 3)
+    # Paired per round (the two runs of a round are back to back): robust to slow load drifts.
+    row['ours_over_reference_cpu_paired'] = round(statistics.median(
+        o[1] / r[1] for o, r in zip(runs['ours'], runs['reference'])), 3)
     results.append(row)
   for row in results:
     print(json.dumps(row))
