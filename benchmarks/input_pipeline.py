@@ -1,16 +1,17 @@
 """Train-preprocessing throughput, ours next to the TF reference's, on synthetic ImageNet-sized JPEGs.
 
-  python -m benchmarks.input_pipeline --num_images=64 --threads=1 --seconds=10 --rounds=3 \
+  python -m benchmarks.input_pipeline --num_images=64 --threads=1 --seconds=10 --rounds=5 \
       --augment=none,autoaugment
 
 Times, per augmentation setting and in alternating order each round, the per-image work of
 train_dataset (fused JPEG decode + Inception crop, TF1 bicubic resize, flip, AutoAugment v0 on uint8,
 [-1, 1] normalisation) against the reference's preprocess_image(is_training=True) re-written as a
-measured peer in benchmarks/reference_preprocessing.py (its output is not normalised: the reference did
-that on the TPU). Both run in tf.data with `threads` map threads and private thread pools, batch 32;
+measured peer in benchmarks/reference_preprocessing.py: `reference` as it ran on the host (its output
+was normalised later, on the TPU) and `reference_normalized` (the same, plus our normalisation: the
+tensor ours produces). All run in tf.data with `threads` map threads and private thread pools, batch 32;
 record I/O is left out. Reported: images/s of wall time and images per CPU-second of this process
 (time.process_time, all threads: less sensitive to other jobs on a shared machine), medians over rounds,
-and the median of the per-round ratios ours / reference (each round's two runs are back to back).
+and the median of the per-round ratios (a round's runs are back to back).
 
 Before timing it checks that the outputs are identical where the semantics are: eval preprocessing on
 every image; train preprocessing without augmentation with the reference driven by our random draws;
@@ -58,6 +59,12 @@ def ours_fn(image_size, augment):
 
 def reference_fn(image_size, augment):
   return lambda index, image: reference.preprocess_train(image, image_size, augment != 'none')
+
+
+def reference_normalized_fn(image_size, augment):
+  """The reference followed by our host normalisation: the same output tensor as ours."""
+  return lambda index, image: preprocessing.normalize(
+      reference.preprocess_train(image, image_size, augment != 'none'))
 
 
 def build(jpegs, fn, threads, batch_size):
@@ -146,7 +153,7 @@ def main():
         f'in {time.perf_counter() - t0:.1f}s', flush=True)
   if not args.skip_check:
     print('identical outputs:', check_identical(jpegs, args.image_size), flush=True)
-  impls = {'reference': reference_fn, 'ours': ours_fn}
+  impls = {'reference': reference_fn, 'reference_normalized': reference_normalized_fn, 'ours': ours_fn}
   results = []
   for augment in args.augment.split(','):
     runs = {name: [] for name in impls}
@@ -156,7 +163,7 @@ def main():
         ds = build(jpegs, impls[name](args.image_size, augment), args.threads, args.batch_size)
         wall, per_cpu = measure(ds, args.seconds, args.batch_size)
         runs[name].append((wall, per_cpu))
-        print(f'{augment:12s} round {r} {name:9s} {wall:7.1f} img/s  {per_cpu:7.1f} img/CPU-s  '
+        print(f'{augment:12s} round {r} {name:20s} {wall:7.1f} img/s  {per_cpu:7.1f} img/CPU-s  '
               f'(load {os.getloadavg()[0]:.2f})', flush=True)
     row = {'benchmark': 'input_pipeline_train_vs_reference', 'augment': augment,
            'image_size': args.image_size, 'threads': args.threads, 'num_images': args.num_images,
@@ -164,13 +171,14 @@ def main():
     for name, values in runs.items():
       row[f'{name}_images_per_s'] = round(statistics.median(v[0] for v in values), 1)
       row[f'{name}_images_per_cpu_s'] = round(statistics.median(v[1] for v in values), 1)
-    row['ours_over_reference_wall'] = round(row['ours_images_per_s'] /
-                                            row['reference_images_per_s'], 3)
-    row['ours_over_reference_cpu'] = round(row['ours_images_per_cpu_s'] /
-                                           row['reference_images_per_cpu_s'], 3)
-    # Paired per round (the two runs of a round are back to back): robust to slow load drifts.
-    row['ours_over_reference_cpu_paired'] = round(statistics.median(
-        o[1] / r[1] for o, r in zip(runs['ours'], runs['reference'])), 3)
+    for peer in ('reference', 'reference_normalized'):
+      row[f'ours_over_{peer}_wall'] = round(row['ours_images_per_s'] /
+                                            row[f'{peer}_images_per_s'], 3)
+      row[f'ours_over_{peer}_cpu'] = round(row['ours_images_per_cpu_s'] /
+                                           row[f'{peer}_images_per_cpu_s'], 3)
+      # Paired per round (a round's runs are back to back): robust to slow drifts of the load.
+      row[f'ours_over_{peer}_cpu_paired'] = round(statistics.median(
+          o[1] / r[1] for o, r in zip(runs['ours'], runs[peer])), 3)
     results.append(row)
   for row in results:
     print(json.dumps(row))
