@@ -2,7 +2,8 @@
 
 timm evaluates the ported AdvProp weights (tf_efficientnet_b*.ap_in1k) with torchvision on PIL images:
   Resize(floor(S / crop_pct)) of the SHORT side (long side int(size * long / short)), PIL bicubic;
-  CenterCrop(S) with offsets int(round((h - S) / 2)) (Python rounding, half to even); x / 255, mean = std = .5.
+  CenterCrop(S) with offsets int(round((h - S) / 2)) (Python rounding, half to even);
+  x / 255, mean = std = .5.
 This differs from the TF reference (crop first, then TF1 bicubic of the crop): the pixel grid, the kernel
 (Pillow's a = -0.5, widened by the downscale factor, i.e. antialiased) and uint8 rounding all differ.
 
