@@ -38,7 +38,8 @@ def eval_crop_fraction(image_size, crop_fraction=None):
   """The reference's exact S/(S+32) unless `crop_fraction` overrides it.
 
   timm's crop_pct (.875 .882 .890 .904 .922 .934 .942 .949 .954 for B0-B8, models.efficientnet.SCALING)
-  are these fractions rounded: their crop side is 1 px off the reference's for ~21 % of image sizes.
+  are these fractions rounded: their crop side is 1 px off the reference's for 20-53 % of short sides
+  200-1000 (B1-B8; B0's .875 is exact).
   """
   if crop_fraction is None:
     return image_size / (image_size + CROP_PADDING)
