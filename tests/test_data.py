@@ -1,6 +1,7 @@
 """Input pipeline: mocked ImageNet (tfds.testing.mock_data), the offline digits set, bad inputs."""
 import contextlib
 import math
+from unittest import mock
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from advprop_jax.data import input_pipeline as ip
+from advprop_jax.data import autoaugment
 from advprop_jax.data import preprocessing
 
 N_TRAIN, N_VAL = 23, 11  # odd sizes: uneven process shards, partial batches
@@ -225,6 +227,23 @@ def test_tf1_bicubic_resize_matches_reference_values(pixels, size, expected):
   assert np.abs(tf2 - live).max() > 30  # the kernel this project used before issue #17
   with pytest.raises(ValueError, match="'tf1_bicubic', 'tf2_bicubic'"):
     preprocessing.resize(image, size, 'bicubic')
+
+
+def test_random_flip_and_resize_mode():
+  image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  png = tf.io.encode_png(image)
+  expected = image.astype(np.float32) * (2 / 255) - 1  # 8 -> 8 resize is exact
+  # augment='none' flips the float image; with augmentation the uint8 image is flipped (before the
+  # policy, replaced here by the identity), which must be the same.
+  no_policy = lambda image, seed, semantics: image
+  for augment in ('none', 'autoaugment'):
+    with mock.patch.object(autoaugment, 'distort_image_with_autoaugment', no_policy):
+      outs = [preprocessing.preprocess_for_train(
+          png, tf.constant([0, i], tf.int64), image_size=8, train_crop='resize', augment=augment,
+          normalization='minus_one_one').numpy() for i in range(8)]
+    flipped = [np.allclose(o, expected[:, ::-1], atol=1e-5) for o in outs]
+    kept = [np.allclose(o, expected, atol=1e-5) for o in outs]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept), augment
 
 
 def test_train_resize_path_is_the_reference_and_unclipped():
