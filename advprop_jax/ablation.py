@@ -11,7 +11,7 @@ Writes DIR/ablation.md (mean ± std over seeds), DIR/ablation.json and
 DIR/ablation.png. Compiled programs are cached in DIR/jax_cache (unless a JAX compilation cache is
 already configured), so every seed after a method's first skips compilation.
 
-Budget matching: every method runs the SAME NUMBER OF OPTIMIZER STEPS, N = epochs x (train examples //
+Budget matching: every method runs the SAME NUMBER OF OPTIMIZER STEPS, N = int(epochs x train examples /
 global_batch_size), with the same step-indexed learning-rate schedule (warm-up and cosine decay over N
 steps) and the same clean batch per step. Fast AdvProp's loader draws 1/(1 - adv_fraction) = 1.25x the
 batch per step (64 clean + 16 attacked images), so it sees 1.25x the images of the others; its
@@ -39,6 +39,7 @@ from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import factories
 from advprop_jax import methods
+from advprop_jax import optim
 from advprop_jax import trainer
 from advprop_jax.data import input_pipeline
 from advprop_jax.eval import saved_run
@@ -71,8 +72,9 @@ def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=F
   # Budget: N optimizer steps for every method, N from the vanilla loader (global_batch_size images).
   num_train = input_pipeline.num_examples(c.data, c.data.train_split)
   clean_spe = factories.schedule(_with(c, method='vanilla'), num_train).steps_per_epoch
-  if steps is None:
-    steps = int(round((c.num_epochs if epochs is None else epochs) * clean_spe))
+  if steps is None:  # the trainer's own conversion: int(epochs * N / batch)
+    steps = optim.epochs_to_steps(c.num_epochs if epochs is None else epochs, num_train,
+                                  c.global_batch_size)
   spe = factories.schedule(c, num_train).steps_per_epoch
   c.warmup_epochs = c.warmup_epochs * clean_spe / spe
   c.num_epochs = (steps + 0.5) / spe  # int(num_epochs * spe) == steps for every method

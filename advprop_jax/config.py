@@ -13,13 +13,11 @@ from advprop_jax import methods
 from advprop_jax import models
 from advprop_jax import optim
 from advprop_jax import validation
-from advprop_jax.data import normalization
+from advprop_jax.data import choices as data_choices
 from advprop_jax.methods.passes import ATTACK_BN_MODES
 from advprop_jax.models.conv import DEPTHWISE_IMPLEMENTATIONS
 from advprop_jax.validation import ConfigError, require_choice, require_number  # noqa: F401
 
-AUGMENTS = ('autoaugment', 'randaugment', 'none')
-TRAIN_CROPS = ('inception', 'resize')
 PRNG_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
 
 
@@ -36,15 +34,19 @@ def model_overrides() -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-  """ImageNet / EfficientNet-B0 input defaults (data/input_pipeline.py reads them); configs override."""
+  """ImageNet / EfficientNet-B0 input defaults (data/input_pipeline.py reads them); configs override.
+  Fields that select a behaviour by name: their allowed values and meanings are in data/choices.py."""
   c = ml_collections.ConfigDict()
   c.dataset = 'imagenet2012'  # or any TFDS image-classification name, or 'sklearn_digits'
   c.data_dir = placeholder(str)  # None: the TFDS default
   c.train_split = 'train'
   c.eval_split = 'validation'
   c.image_size = 224
-  # Eval crop side = crop_fraction * min(h, w). None = the reference rule S/(S+32) (0.875 at 224),
-  # which stays right when only image_size is changed.
+  # Eval crop side = int(crop_fraction * min(h, w)). None = the reference's exact S/(S+32) (0.875 at
+  # 224), which stays right when only image_size is changed. timm's rounded crop_pct (.882 for B1, ...,
+  # models.efficientnet.SCALING) is 1 px off it for 20-53 % of short sides 200-1000. With
+  # eval_preprocessing='timm' it is timm's crop_pct (short side resized to floor(S / crop_fraction);
+  # None: S + 32).
   c.crop_fraction = placeholder(float)
   c.train_crop = 'inception'  # 'inception' | 'resize'
   c.random_flip = True
@@ -55,7 +57,17 @@ def data_config() -> ml_collections.ConfigDict:
   c.cache = False  # cache decoded, unaugmented images (small datasets only)
   c.shuffle_buffer = 16384  # clamped to the process' shard size
   c.skip_decode_errors = False
-  c.resize_method = 'bicubic'
+  # Resize kernel of the train and eval crops: 'tf1_bicubic' (the reference's
+  # tf.compat.v1.image.resize_bicubic) | 'tf2_bicubic' (tf.image.resize bicubic; up to ~100 grey levels away).
+  c.resize_method = 'tf1_bicubic'
+  # Eval transform: 'tf_reference' (center crop, resize_method, no clipping) | 'timm' (short side to
+  # floor(S / crop_fraction) with PIL bicubic, center crop S: what timm's numbers for the ported
+  # tf_efficientnet_*.ap_in1k weights use).
+  c.eval_preprocessing = 'tf_reference'
+  # AutoAugment/RandAugment op semantics: 'tf_reference' (what the reference's uint8 TF code computed:
+  # Solarize(256) inverts every pixel, RandAugment's Contrast blends towards pixel_count/256, Posterize
+  # bits > 8 keeps 1 bit) | 'pil' (PIL's definitions for those ops).
+  c.augment_semantics = 'tf_reference'
   return c
 
 
@@ -138,9 +150,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   require_choice(config, 'optimizer', optim.OPTIMIZERS)
   require_choice(config, 'lr_schedule', optim.SCHEDULES)
   require_choice(config, 'attack.bn_mode', ATTACK_BN_MODES)
-  require_choice(config, 'data.normalization', normalization.NORMALIZATIONS)
-  require_choice(config, 'data.augment', AUGMENTS)
-  require_choice(config, 'data.train_crop', TRAIN_CROPS)
+  for field, allowed in data_choices.CHOICES.items():
+    require_choice(config, f'data.{field}', allowed)
   require_choice(config, 'prng_impl', PRNG_IMPLS)
   _validate_model(config)
   for field in ('num_classes', 'global_batch_size', 'eval_batch_size', 'log_every_steps',

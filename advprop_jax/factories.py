@@ -47,19 +47,20 @@ def loader_batch_size(config) -> int:
 
 
 class Schedule(NamedTuple):
-  steps_per_epoch: int  # optimizer steps per pass over the training split (loader batches)
+  steps_per_epoch: float  # loader batches per pass over the training split, a float like the reference
   total_steps: int  # steps of the whole run (config.max_steps caps it)
   eval_every_steps: int
 
 
 def schedule(config, num_train_examples: int) -> Schedule:
-  """Epochs -> steps for a training split of `num_train_examples` images."""
-  steps_per_epoch = max(1, num_train_examples // loader_batch_size(config))
-  total_steps = int(config.num_epochs * steps_per_epoch)
+  """Epochs -> steps for a training split of `num_train_examples` images, as the TF reference does it
+  (optim.epochs_to_steps: int(epochs * N / batch), 109,474 steps for 350 ImageNet epochs at 4096)."""
+  batch = loader_batch_size(config)
+  total_steps = optim.epochs_to_steps(config.num_epochs, num_train_examples, batch)
   if config.max_steps is not None:
     total_steps = min(total_steps, config.max_steps)
-  return Schedule(steps_per_epoch, total_steps,
-                  max(1, int(config.eval_every_epochs * steps_per_epoch)))
+  return Schedule(optim.steps_per_epoch(num_train_examples, batch), total_steps,
+                  max(1, optim.epochs_to_steps(config.eval_every_epochs, num_train_examples, batch)))
 
 
 def build_optimizer(config, steps_per_epoch):

@@ -10,27 +10,56 @@ SCHEDULES = ('exponential', 'piecewise', 'cosine', 'constant')
 OPTIMIZERS = ('rmsprop', 'sgd')
 
 
-def learning_rate_schedule(*, base_lr: float, steps_per_epoch: int, num_epochs: float,
+def steps_per_epoch(num_examples: int, batch_size: int) -> float:
+  """Optimizer steps per epoch, kept as a float like the TF reference (1281167 / 4096 = 312.785...).
+
+  Truncating it first (312) would shorten the LR decay period and the run by 0.25 %.
+  """
+  if num_examples <= 0 or batch_size <= 0:
+    raise ValueError(f'num_examples={num_examples} and batch_size={batch_size} must be > 0')
+  return num_examples / batch_size
+
+
+def _to_steps(epochs: float, steps_per_epoch_: float) -> int:
+  # THE epochs -> steps conversion (run length, warm-up, boundaries, cosine length): truncation of
+  # epochs x the float steps per epoch, as the reference computes its warm-up.
+  return int(epochs * steps_per_epoch_)
+
+
+def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
+  """Steps in `epochs` epochs: int(epochs * num_examples / batch_size) (350 epochs of ImageNet:
+  109,474 steps at batch 4096, 218,949 at 2048, the reference's train_steps)."""
+  return _to_steps(epochs, steps_per_epoch(num_examples, batch_size))
+
+
+def learning_rate_schedule(*, base_lr: float, steps_per_epoch: float, num_epochs: float,
                            warmup_epochs: float = 5.0, schedule: str = 'exponential',
                            decay_epochs: float = 2.4, decay_rate: float = 0.97,
                            boundaries_epochs: Sequence[float] = (), boundary_scale: float = 0.1
                            ) -> Callable[[jax.Array], jax.Array]:
-  """Linear warmup from 0 over `warmup_epochs`, then the schedule.
+  """Linear warmup from 0 over int(warmup_epochs * steps_per_epoch) steps, then the schedule.
 
-  'exponential' is the TF EfficientNet rule `base_lr * decay_rate ** floor(step / (decay_epochs *
-  steps_per_epoch))`, counted from step 0 (not from the end of warmup), exactly as TF's tf.cond does.
+  `steps_per_epoch` is the float num_examples / batch (see `steps_per_epoch()`); every epoch count
+  becomes steps through `_to_steps`, the conversion `epochs_to_steps` uses.
+  'exponential' is the TF EfficientNet rule (tf.train.exponential_decay, staircase) in float32:
+  `base_lr * decay_rate ** floor(step / (decay_epochs * steps_per_epoch))` with the float decay
+  period (750.68 steps at batch 4096), counted from step 0 (not from the end of warmup).
   'piecewise' multiplies by `boundary_scale` at each of `boundaries_epochs` (ResNet step decay).
+  'cosine' decays to 0 over the whole run, int(num_epochs * steps_per_epoch) steps.
   """
   if schedule not in SCHEDULES:
     raise ValueError(f'lr schedule={schedule!r}; allowed: {SCHEDULES}')
-  warmup_steps = int(round(warmup_epochs * steps_per_epoch))
-  total_steps = int(round(num_epochs * steps_per_epoch))
+  warmup_steps = _to_steps(warmup_epochs, steps_per_epoch)
+  total_steps = _to_steps(num_epochs, steps_per_epoch)
   if schedule == 'exponential':
-    main = optax.exponential_decay(base_lr, transition_steps=decay_epochs * steps_per_epoch,
-                                   decay_rate=decay_rate, staircase=True)
+    decay_steps = jnp.float32(decay_epochs * steps_per_epoch)
+
+    def main(step):  # the reference's float32 arithmetic: lr * rate ** floor(step / period)
+      return jnp.float32(base_lr) * jnp.power(jnp.float32(decay_rate),
+                                              jnp.floor(step / decay_steps))
   elif schedule == 'piecewise':
     main = optax.piecewise_constant_schedule(
-        base_lr, {int(round(e * steps_per_epoch)): boundary_scale for e in boundaries_epochs})
+        base_lr, {_to_steps(e, steps_per_epoch): boundary_scale for e in boundaries_epochs})
   elif schedule == 'cosine':
     main = optax.cosine_decay_schedule(base_lr, decay_steps=max(total_steps, 1))
   else:
@@ -62,8 +91,6 @@ def create_optimizer(name: str, learning_rate, *, momentum: float = 0.9, rmsprop
   if weight_decay:
     tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=not_batchnorm_mask), tx)
   return tx
-
-
 
 
 def not_batchnorm_mask(params):

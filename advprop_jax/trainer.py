@@ -86,7 +86,7 @@ def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_ch
   schedule = factories.schedule(config, _num_train_examples(config))
   model = factories.build_model(config)
   tx, lr_fn = factories.build_optimizer(config, schedule.steps_per_epoch)
-  logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%s per epoch)',
+  logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%.3f per epoch)',
                jax.process_count(), jax.device_count(), dict(mesh.shape), schedule.total_steps,
                factories.loader_batch_size(config), schedule.steps_per_epoch)
   with workdir_lib.Lock(workdir):

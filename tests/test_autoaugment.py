@@ -20,9 +20,9 @@ def run(fn, *args):
 
 NEUTRAL = {  # op -> argument at which the op must be the identity
     'Rotate': 0.0, 'ShearX': 0.0, 'ShearY': 0.0, 'TranslateX': 0.0, 'TranslateY': 0.0,
-    'Brightness': 1.0, 'Color': 1.0, 'Contrast': 1.0, 'Sharpness': 1.0, 'Solarize': 256,
+    'Brightness': 1.0, 'Color': 1.0, 'Contrast': 1.0, 'Sharpness': 1.0,
     'SolarizeAdd': 0, 'Posterize': 8, 'Cutout': 0,
-}
+}  # Solarize has none under the reference's semantics (256 inverts everything, see below)
 
 
 @pytest.mark.parametrize('name', sorted(NEUTRAL))
@@ -34,7 +34,7 @@ def test_identity_at_neutral_argument(image, name):
 @pytest.mark.parametrize('name,level', [('Rotate', 0), ('ShearX', 0), ('ShearY', 0),
                                         ('TranslateX', 0), ('TranslateY', 0), ('Brightness', 5),
                                         ('Color', 5), ('Contrast', 5), ('Sharpness', 5),
-                                        ('Solarize', 10), ('SolarizeAdd', 0), ('Cutout', 0)])
+                                        ('SolarizeAdd', 0), ('Cutout', 0)])
 def test_identity_at_neutral_level(image, name, level):
   # Through the reference level mapping: e.g. enhance level 5 must give factor exactly 1.0.
   args = aa.level_to_arg(name, level, aa.AUTOAUGMENT_HPARAMS)
@@ -72,6 +72,45 @@ def test_pointwise_ops_known_outputs(image):
   np.testing.assert_array_equal(run(aa.brightness, image, 0.0), np.zeros_like(image))
   grey = run(aa.color, image, 0.0)
   assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_solarize_256_inverts_every_pixel_as_the_reference(image):
+  # Level 10 -> threshold int(10 / 10 * 256) = 256. The reference compares uint8 pixels with it; TF
+  # converts 256 to uint8 0, so every pixel becomes 255 - x (shown here by that very expression).
+  assert aa.level_to_arg('Solarize', 10, aa.AUTOAUGMENT_HPARAMS) == (256,)
+  reference_expression = tf.function(lambda im: tf.where(im < 256, im, 255 - im))
+  np.testing.assert_array_equal(reference_expression(tf.constant(image)).numpy(), 255 - image)
+  np.testing.assert_array_equal(run(aa.solarize, image, 256), 255 - image)
+  for sign in (0.2, 0.8):
+    out = aa.apply_op(tf.constant(image), 'Solarize', (256,), tf.constant([sign, 0.5, 0.5]))
+    np.testing.assert_array_equal(out.numpy(), 255 - image)
+  # semantics='pil' keeps PIL's definition: nothing is >= 256, the image is unchanged.
+  out = aa.apply_op(tf.constant(image), 'Solarize', (256,), tf.constant([0.3, 0.5, 0.5]), 'pil')
+  np.testing.assert_array_equal(out.numpy(), image)
+  # The v0 sub-policy (Posterize 0.8 2, Solarize 0.6 10), both applied: posterize to 2 bits, invert.
+  policy = ((('Posterize', 1.0, 2), ('Solarize', 1.0, 10)),)
+  for semantics, expected in (('tf_reference', 255 - (image & 0x80)), ('pil', image & 0x80)):
+    out = aa.distort_image_with_autoaugment(tf.constant(image), tf.constant([1, 2], tf.int64),
+                                            policy=policy, semantics=semantics)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_randaugment_reference_quirks(image):
+  # Contrast: the reference blends towards (histogram sum) / 256 = pixel count / 256, truncated.
+  degenerate = np.float32(int(H * W / 256))  # 320 / 256 -> 1
+  expected = np.clip(degenerate + np.float32(1.5) * (image.astype(np.float32) - degenerate), 0, 255)
+  np.testing.assert_array_equal(run(aa.contrast, image, 1.5), expected.astype(np.uint8))
+  grey_mean = run(aa.contrast, image, 0.0, 'pil')
+  assert (grey_mean == grey_mean[0, 0, 0]).all() and 100 < grey_mean[0, 0, 0] < 155
+  # Posterize at RandAugment magnitude >= 22.5 (bits > 8): the uint8 shift wraps, TF clamps it to 7.
+  bits = aa.level_to_arg('Posterize', 28, aa.RANDAUGMENT_HPARAMS)[0]
+  assert bits == 11
+  np.testing.assert_array_equal(run(aa.posterize, image, bits), image & 0x80)
+  np.testing.assert_array_equal(run(aa.posterize, image, bits, 'pil'), image)
+  # Solarize at magnitude 17: threshold int(1.7 * 256) = 435 wraps to 179.
+  np.testing.assert_array_equal(run(aa.solarize, image, 435), np.where(image < 179, image, 255 - image))
+  with pytest.raises(ValueError, match="augment_semantics='fixed'"):
+    aa.apply_op(tf.constant(image), 'Invert', (), tf.constant([0.3, 0.5, 0.5]), 'fixed')
 
 
 def test_histogram_ops_match_pil(image):

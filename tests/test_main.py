@@ -32,7 +32,11 @@ def test_recipe_configs(variant):
   c = load_config('configs/efficientnet.py', variant)
   size, crop, dropout = RECIPE[variant]
   assert c.model == f'efficientnet-{variant}'
-  assert (c.data.image_size, c.data.crop_fraction) == (size, crop)
+  # Eval crop: the reference's exact S/(S+32) (crop_fraction None); timm's crop_pct is it rounded.
+  assert (c.data.image_size, c.data.crop_fraction) == (size, None)
+  assert size / (size + 32) == pytest.approx(crop, abs=1e-3)
+  assert (c.data.resize_method, c.data.eval_preprocessing, c.data.augment_semantics) == (
+      'tf1_bicubic', 'tf_reference', 'tf_reference')
   assert efficientnet.SCALING[c.model].dropout == dropout and c.model_overrides.dropout_rate is None
   assert c.num_epochs == 350 and c.warmup_epochs == 5
   assert (c.lr_schedule, c.lr_decay_epochs, c.lr_decay_rate) == ('exponential', 2.4, 0.97)

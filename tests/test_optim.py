@@ -41,6 +41,39 @@ def test_exponential_schedule_values():
   assert float(lr(35000)) == pytest.approx(0.256 * 0.97 ** 145, rel=1e-5)
 
 
+# Reference numbers computed independently of our code. Run length and warm-up from the TF formulas
+# (main.py, utils.build_learning_rate): steps_per_epoch = 1281167 / batch as a float, warm-up
+# int(5 * spe) steps, decay period 2.4 * spe (750.68 steps at 4096, 1501.37 at 2048), run
+# int(350 * 1281167 / batch) steps. LR values: that formula evaluated by TF itself
+# (tf.compat.v1.train.exponential_decay, staircase, and the warm-up tf.cond, float32) under TF 2.21.
+IMAGENET_TRAIN = 1281167
+
+
+def test_reference_run_length_and_steps_per_epoch():
+  assert optim.steps_per_epoch(IMAGENET_TRAIN, 4096) == 312.784912109375
+  assert optim.epochs_to_steps(350, IMAGENET_TRAIN, 4096) == 109474
+  assert optim.epochs_to_steps(350, IMAGENET_TRAIN, 2048) == 218949
+  assert optim.epochs_to_steps(5, IMAGENET_TRAIN, 4096) == 1563  # warm-up truncates (not 1564)
+  assert optim.epochs_to_steps(5, IMAGENET_TRAIN, 2048) == 3127
+  with pytest.raises(ValueError, match='batch_size'):
+    optim.steps_per_epoch(IMAGENET_TRAIN, 0)
+
+
+@pytest.mark.parametrize('batch,base_lr,expected', [
+    (4096, 0.256, {0: 0.0, 1000: 0.1637875884771347, 1562: 0.25583621859550476,
+                   1563: 0.2408704161643982, 2252: 0.2408704161643982, 2253: 0.2336443066596985,
+                   100000: 0.00445535546168685, 109473: 0.003091315506026149}),
+    (2048, 0.128, {3126: 0.12795907258987427, 3127: 0.1204352080821991, 4504: 0.1204352080821991,
+                   4505: 0.11682215332984924, 218948: 0.0015456577530130744}),
+])
+def test_reference_lr_values(batch, base_lr, expected):
+  lr = optim.learning_rate_schedule(
+      base_lr=base_lr, steps_per_epoch=optim.steps_per_epoch(IMAGENET_TRAIN, batch), num_epochs=350,
+      warmup_epochs=5, decay_epochs=2.4, decay_rate=0.97)
+  for step, value in expected.items():
+    assert float(lr(step)) == pytest.approx(value, rel=1.2e-7, abs=1e-12), step
+
+
 def test_piecewise_schedule():
   lr = optim.learning_rate_schedule(base_lr=0.4, steps_per_epoch=10, num_epochs=105,
                                     warmup_epochs=0, schedule='piecewise',
@@ -48,6 +81,20 @@ def test_piecewise_schedule():
   assert [float(lr(s)) for s in (0, 299, 300, 600)] == pytest.approx([0.4, 0.4, 0.04, 0.004])
   with pytest.raises(ValueError, match='schedule'):
     optim.learning_rate_schedule(base_lr=1, steps_per_epoch=1, num_epochs=1, schedule='linear')
+
+
+def test_boundaries_and_cosine_length_use_the_one_conversion():
+  spe = optim.steps_per_epoch(1437, 64)  # 22.453125: the demo's digits at batch 64
+  boundary = optim.epochs_to_steps(30, 1437, 64)  # 673
+  assert boundary == 673
+  lr = optim.learning_rate_schedule(base_lr=1.0, steps_per_epoch=spe, num_epochs=105,
+                                    warmup_epochs=0, schedule='piecewise', boundaries_epochs=(30,))
+  assert (float(lr(boundary - 1)), float(lr(boundary))) == pytest.approx((1.0, 0.1))
+  lr = optim.learning_rate_schedule(base_lr=1.0, steps_per_epoch=spe, num_epochs=30,
+                                    warmup_epochs=2, schedule='cosine')
+  assert float(lr(boundary)) == pytest.approx(0.0, abs=1e-12)  # decays over exactly the run
+  assert float(lr(boundary - 1)) > 0.0
+  assert float(lr(optim.epochs_to_steps(2, 1437, 64) - 1)) < float(lr(44))  # warm-up 44 steps
 
 
 def test_ema_decay_rule_and_update():

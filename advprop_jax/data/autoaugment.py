@@ -9,19 +9,21 @@ checkpoints; the code is ours. Differences from the reference, all deliberate:
   * rotate/shear/translate call tf.raw_ops.ImageProjectiveTransformV3 directly (the reference used
     tf.contrib.image, whose successor tensorflow_addons is unmaintained). NEAREST interpolation with a
     constant fill of 128 gives exactly the reference's wrap/unwrap result (alpha 0 -> 128);
-  * Solarize compares in int32, so threshold 256 (level 10) is the identity as in PIL; the reference's
-    uint8 comparison cannot represent 256;
-  * Contrast blends towards the true grey-level mean (PIL); the reference divides the pixel COUNT by
-    256. Contrast is only used by RandAugment, never by policy v0.
+  * nothing else: with semantics='tf_reference' (the default) every op computes what the reference's
+    op computed under TF, including three quirks of its uint8 arithmetic (AUGMENT_SEMANTICS below).
+    semantics='pil' gives the definitions the reference meant to copy from PIL instead.
 """
 import math
 
 import tensorflow as tf
 
+from advprop_jax.data.choices import AUGMENT_SEMANTICS
+
 MAX_LEVEL = 10.0
 REPLACE = 128  # grey fill for pixels uncovered by geometric ops and for cutout (reference value)
 AUTOAUGMENT_HPARAMS = {'cutout_const': 100, 'translate_const': 250}  # reference, policy v0
 RANDAUGMENT_HPARAMS = {'cutout_const': 40, 'translate_const': 100}  # reference, RandAugment
+# The op semantics a data config selects (augment_semantics): data/choices.py.
 
 # (op, probability, level) pairs; one sub-policy of 25 is drawn per image and its two ops are applied
 # in order, each with its own probability. Copied from the reference policy_v0.
@@ -67,24 +69,43 @@ def blend(image1, image2, factor):
   return tf.cast(tf.clip_by_value(image1 + factor * (image2 - image1), 0.0, 255.0), tf.uint8)
 
 
+def select(cond, a, b):
+  """tf.where(cond, a, b) for uint8 tensors of one shape, as b ^ ((a ^ b) & mask): on CPU tf.where
+  takes ~15 ns an element (2 ms for a 224 px image), about 10x these few bitwise passes."""
+  mask = tf.cast(cond, tf.uint8) * 255
+  return tf.bitwise.bitwise_xor(b, tf.bitwise.bitwise_and(tf.bitwise.bitwise_xor(a, b), mask))
+
+
 def invert(image):
   return 255 - image
 
 
-def solarize(image, threshold=128):
-  return tf.where(tf.cast(image, tf.int32) < tf.cast(threshold, tf.int32), image, 255 - image)
+def solarize(image, threshold=128, semantics='tf_reference'):
+  """x < threshold ? x : 255 - x, computed as x ^ 255 where inverted (255 - x == x ^ 255 in uint8)."""
+  threshold = tf.cast(threshold, tf.int32)
+  if semantics == 'tf_reference':  # uint8 threshold: wraps (256 -> 0: everything is inverted)
+    inverted = image >= tf.cast(tf.math.floormod(threshold, 256), tf.uint8)
+    flip = tf.constant(255, tf.uint8)
+  else:  # PIL: a threshold above 255 inverts nothing
+    inverted = image >= tf.cast(tf.minimum(threshold, 255), tf.uint8)
+    flip = tf.cast(threshold <= 255, tf.uint8) * 255
+  return tf.bitwise.bitwise_xor(image, tf.cast(inverted, tf.uint8) * flip)
 
 
 def solarize_add(image, addition=0, threshold=128):
   added = tf.cast(image, tf.int32) + tf.cast(addition, tf.int32)
   added = tf.cast(tf.clip_by_value(added, 0, 255), tf.uint8)
-  return tf.where(tf.cast(image, tf.int32) < threshold, added, image)
+  return select(image < tf.constant(threshold, tf.uint8), added, image)
 
 
-def posterize(image, bits):
+def posterize(image, bits, semantics='tf_reference'):
   # TF clamps uint8 shift amounts to 7, so the reference's bits=0 (levels 0-2) keeps one bit; we make
-  # that explicit instead of relying on it.
-  shift = tf.cast(tf.clip_by_value(8 - tf.cast(bits, tf.int32), 0, 7), tf.uint8)
+  # that explicit instead of relying on it. Its shift 8 - bits is a uint8: bits > 8 wrap to >= 248,
+  # clamped to 7 as well ('tf_reference'); 'pil' treats bits >= 8 as the identity.
+  shift = 8 - tf.cast(bits, tf.int32)
+  if semantics == 'tf_reference':
+    shift = tf.math.floormod(shift, 256)
+  shift = tf.cast(tf.clip_by_value(shift, 0, 7), tf.uint8)
   return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
@@ -92,8 +113,12 @@ def color(image, factor):
   return blend(tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), image, factor)
 
 
-def contrast(image, factor):
-  mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(image), tf.float32))
+def contrast(image, factor, semantics='tf_reference'):
+  if semantics == 'tf_reference':  # the reference's histogram sum / 256 = pixel count / 256
+    count = tf.cast(tf.shape(image)[0] * tf.shape(image)[1], tf.float32)
+    mean = tf.minimum(count / 256.0, 255.0)
+  else:
+    mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(image), tf.float32))
   degenerate = tf.fill(tf.shape(image), tf.cast(mean, tf.uint8))
   return blend(degenerate, image, factor)
 
@@ -109,7 +134,7 @@ def sharpness(image, factor):
   smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1], 'VALID')
   smooth = tf.cast(tf.clip_by_value(smooth[0], 0.0, 255.0), tf.uint8)
   mask = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]])
-  degenerate = tf.where(mask == 1, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
+  degenerate = select(mask == 1, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
   return blend(degenerate, image, factor)
 
 
@@ -118,25 +143,33 @@ def autocontrast(image):
   def channel(im):
     lo = tf.cast(tf.reduce_min(im), tf.float32)
     hi = tf.cast(tf.reduce_max(im), tf.float32)
-    scale = 255.0 / tf.maximum(hi - lo, 1.0)
-    stretched = tf.cast(tf.clip_by_value(tf.cast(im, tf.float32) * scale - lo * scale, 0., 255.),
-                        tf.uint8)
-    return tf.where(hi > lo, stretched, im)
+    def stretch():
+      scale = 255.0 / (hi - lo)
+      return tf.cast(tf.clip_by_value(tf.cast(im, tf.float32) * scale - lo * scale, 0., 255.),
+                     tf.uint8)
+    return tf.cond(hi > lo, stretch, lambda: im)  # a scalar choice: cond, not an image-sized where
   return tf.stack([channel(image[:, :, c]) for c in range(3)], axis=2)
 
 
 def equalize(image):
-  """PIL ImageOps.equalize, per channel, with PIL's integer rounding."""
-  def channel(im):
-    im = tf.cast(im, tf.int32)
-    histo = tf.histogram_fixed_width(im, [0, 255], nbins=256)
+  """PIL ImageOps.equalize, per channel, with PIL's integer rounding.
+
+  The three channel tables are concatenated and applied with ONE gather on value + 256 * channel:
+  per-channel gathers restacked on the last axis cost about twice as much on CPU.
+  """
+  pixels = tf.cast(image, tf.int32)
+  tables = []
+  for c in range(3):
+    histo = tf.histogram_fixed_width(pixels[:, :, c], [0, 255], nbins=256)
     nonzero = tf.boolean_mask(histo, histo != 0)
     step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
     safe_step = tf.maximum(step, 1)
     lut = (tf.cumsum(histo) + safe_step // 2) // safe_step
     lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-    return tf.cast(tf.where(step == 0, im, tf.gather(lut, im)), tf.uint8)
-  return tf.stack([channel(image[:, :, c]) for c in range(3)], axis=2)
+    tables.append(tf.where(step == 0, tf.range(256), lut))  # step 0: channel unchanged
+  table = tf.cast(tf.concat(tables, 0), tf.uint8)
+  offsets = tf.reshape(tf.tile(tf.constant([0, 256, 512]), [tf.size(pixels) // 3]), tf.shape(pixels))
+  return tf.gather(table, pixels + offsets)
 
 
 def _transform(image, matrix):
@@ -184,7 +217,8 @@ def cutout(image, pad_size, center_h, center_w, replace=REPLACE):
   cols = tf.range(w)[None, :]
   inside = ((rows >= center_h - pad_size) & (rows < center_h + pad_size) &
             (cols >= center_w - pad_size) & (cols < center_w + pad_size))
-  return tf.where(inside[:, :, None], tf.cast(replace, image.dtype), image)
+  inside = tf.tile(inside[:, :, None], [1, 1, 3])
+  return select(inside, tf.fill(tf.shape(image), tf.cast(replace, image.dtype)), image)
 
 
 # ------------------------------------------------------------------------ levels -> arguments
@@ -220,11 +254,14 @@ NAME_TO_FUNC = {
 }
 _NO_ARG = ('AutoContrast', 'Equalize', 'Invert')
 _SIGNED = ('Rotate', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY')  # sign flipped w.p. 1/2
+_SEMANTICS_DEPENDENT = ('Solarize', 'Contrast', 'Posterize')
 
 
-def apply_op(image, name, args, uniforms):
+def apply_op(image, name, args, uniforms, semantics='tf_reference'):
   """Applies op `name` with level_to_arg's `args` (Python or tensors); `uniforms` is a float [3] in
   [0, 1): the sign draw (geometric ops) and the cutout centre (row, column)."""
+  if semantics not in AUGMENT_SEMANTICS:
+    raise ValueError(f'augment_semantics={semantics!r}; allowed: {AUGMENT_SEMANTICS}')
   if name in _SIGNED:
     args = (tf.where(uniforms[0] < 0.5, -args[0], args[0]),)
   if name == 'Cutout':
@@ -232,6 +269,8 @@ def apply_op(image, name, args, uniforms):
     center_h = tf.minimum(tf.cast(uniforms[1] * tf.cast(h, tf.float32), tf.int32), h - 1)
     center_w = tf.minimum(tf.cast(uniforms[2] * tf.cast(w, tf.float32), tf.int32), w - 1)
     args = tuple(args) + (center_h, center_w)
+  if name in _SEMANTICS_DEPENDENT:
+    return NAME_TO_FUNC[name](image, *args, semantics=semantics)
   return NAME_TO_FUNC[name](image, *args)
 
 
@@ -252,7 +291,8 @@ def _policy_tables(policy, hparams):
   return ops, tf.constant(op_idx, tf.int32), tf.constant(probs, tf.float32), tf.constant(args)
 
 
-def distort_image_with_autoaugment(image, seed, policy=POLICY_V0, hparams=None):
+def distort_image_with_autoaugment(image, seed, policy=POLICY_V0, hparams=None,
+                                   semantics='tf_reference'):
   """AutoAugment on a uint8 [H, W, 3] image; `seed` is a [2] int tensor (stateless).
 
   One sub-policy is drawn uniformly; each of its ops is applied with its probability. Built as one
@@ -272,13 +312,14 @@ def distort_image_with_autoaugment(image, seed, policy=POLICY_V0, hparams=None):
     apply = su[0] < prob_table[chosen, slot]
     index = tf.where(apply, op_table[chosen, slot], len(ops))  # len(ops) = identity
     branches = [lambda out=out, name=name: apply_op(
-        out, name, () if name in _NO_ARG else (arg,), su[1:]) for name in ops]
+        out, name, () if name in _NO_ARG else (arg,), su[1:], semantics) for name in ops]
     branches.append(lambda out=out: out)
     out = tf.ensure_shape(tf.switch_case(index, branches), image.shape)
   return out
 
 
-def distort_image_with_randaugment(image, num_layers, magnitude, seed, hparams=None):
+def distort_image_with_randaugment(image, num_layers, magnitude, seed, hparams=None,
+                                   semantics='tf_reference'):
   """RandAugment: `num_layers` ops drawn uniformly from RANDAUGMENT_OPS, all at `magnitude`.
 
   As in the reference, a chosen op is always applied (its drawn probability is unused there).
@@ -290,7 +331,7 @@ def distort_image_with_randaugment(image, num_layers, magnitude, seed, hparams=N
     lu = u[4 * layer: 4 * layer + 4]  # [op choice, sign, cutout row, cutout col]
     branches = [
         lambda out=out, name=name: apply_op(
-            out, name, level_to_arg(name, float(magnitude), hparams), lu[1:])
+            out, name, level_to_arg(name, float(magnitude), hparams), lu[1:], semantics)
         for name in RANDAUGMENT_OPS]
     out = tf.switch_case(policy_index(lu[0], len(RANDAUGMENT_OPS)), branches)
     out = tf.ensure_shape(out, image.shape)

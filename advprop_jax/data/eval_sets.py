@@ -85,7 +85,8 @@ def folder_eval_dataset(directory: str, data_config, *, num_classes: int,
   def prepare(path, label):
     image = preprocessing.preprocess_for_eval(
         tf.io.read_file(path), image_size=size, crop_fraction=data_config.crop_fraction,
-        normalization=data_config.normalization, resize_method=data_config.resize_method)
+        normalization=data_config.normalization, resize_method=data_config.resize_method,
+        eval_preprocessing=data_config.eval_preprocessing)
     return {'image': image, 'label': label, 'mask': tf.constant(1.0)}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from advprop_jax.data import choices
 from advprop_jax.data import digits  # noqa: F401  (registers the sklearn_digits TFDS builder)
 from advprop_jax.data import preprocessing
 
@@ -32,6 +33,15 @@ DIGITS = 'sklearn_digits'
 MAX_CACHED_EXAMPLES = 100_000
 # Signatures of the formats tf.io.decode_image reads; anything else is reported by record id.
 _IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG', b'GIF8', b'BM', b'RIFF')
+
+
+def check_choices(data_config) -> None:
+  """Raises ValueError naming the first config.data field whose value is not allowed (the pipelines check
+  before building anything; config.validate has already checked a config the trainer runs)."""
+  for field, allowed in choices.CHOICES.items():
+    if data_config[field] not in allowed:
+      raise ValueError(f'config.data.{field}={data_config[field]!r} is not allowed; choose one of '
+                       f'{allowed}')
 
 
 # ------------------------------------------------------------------------------ dataset lookup
@@ -168,6 +178,7 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
   With start_step=k it yields exactly what a fresh iterator yields from its batch k on (unless
   skip_decode_errors dropped records, which shifts later batches).
   """
+  check_choices(data_config)
   pi, pc = _process(process_index, process_count)
   builder = prepared_builder(data_config)
   _split_info(builder, data_config.train_split)
@@ -204,7 +215,7 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
         augment=data_config.augment, randaugment_layers=data_config.randaugment_layers,
         randaugment_magnitude=data_config.randaugment_magnitude,
         normalization=data_config.normalization, resize_method=data_config.resize_method,
-        crop_fraction=data_config.crop_fraction)
+        crop_fraction=data_config.crop_fraction, augment_semantics=data_config.augment_semantics)
     return {'image': image, 'label': ex['label']}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -219,6 +230,7 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
                  process_index=None, process_count=None) -> tf.data.Dataset:
   """One pass of {'image', 'label', 'mask' (float32, 0 = padding)} batches; every process yields
   the same number of batches and the masks sum to the split size over all processes."""
+  check_choices(data_config)
   split = split or data_config.eval_split
   pi, pc = _process(process_index, process_count)
   builder = prepared_builder(data_config)
@@ -230,7 +242,8 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
   def prepare(ex):
     image = preprocessing.preprocess_for_eval(
         ex['image'], image_size=data_config.image_size, crop_fraction=data_config.crop_fraction,
-        normalization=data_config.normalization, resize_method=data_config.resize_method)
+        normalization=data_config.normalization, resize_method=data_config.resize_method,
+        eval_preprocessing=data_config.eval_preprocessing)
     return {'image': image, 'label': ex['label'], 'mask': tf.constant(1.0)}
 
   ds = _records(builder, shard, data_config, n)

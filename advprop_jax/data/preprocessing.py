@@ -1,32 +1,46 @@
-"""EfficientNet image preprocessing (the TF reference's preprocessing.py, with stateless randomness).
+"""EfficientNet image preprocessing: the TF reference's preprocessing.py (tensorflow/tpu
+models/official/efficientnet as released with AdvProp, CROP_PADDING = 32), with stateless randomness.
 
 Train: Inception-style random crop (sample_distorted_bounding_box, center-crop fallback) fused with JPEG
-decoding, bicubic resize to S, random flip, optional AutoAugment/RandAugment on uint8, normalisation.
-Eval: center crop of side S/(S+32)*min(h, w) (or crop_fraction*min(h, w)), bicubic resize, normalisation.
+decoding, TF1 bicubic resize of the crop to S, random flip, optional AutoAugment/RandAugment on uint8
+(the reference clips to [0, 255] and truncates to uint8 first, and so do we), normalisation.
+Eval ('tf_reference'): center crop of side int(S/(S+32) * min(h, w)) (or crop_fraction * min(h, w)),
+TF1 bicubic resize to S, NO clipping (bicubic overshoot reaches the model, as in the reference),
+normalisation. Eval 'timm': timm's transform (resize the short side, center crop, PIL bicubic), see
+timm_eval.py. Normalisation happens here on the host; the reference did it in the model.
 
 Every function takes either encoded bytes (tf.string; JPEG is decoded only inside the crop window with
 decode_and_crop_jpeg, other formats are decoded whole and sliced) or an already decoded uint8 [H, W, 3]
 image (the cached path of small datasets). Randomness comes from a [2] int `seed` per image.
 """
+import math
+
 import tensorflow as tf
 
 from advprop_jax.data import autoaugment
+from advprop_jax.data import timm_eval
+from advprop_jax.data.choices import EVAL_PREPROCESSINGS, RESIZE_METHODS
+from advprop_jax.data.normalization import IMAGENET_MEAN_PIXELS, IMAGENET_STD_PIXELS
 
+# The resize kernels and eval transforms a data config selects by name: data/choices.py.
 CROP_PADDING = 32  # eval crop side = S / (S + CROP_PADDING) * min(h, w)   (reference constant)
-# ImageNet statistics in 0..255 units, for normalization='imagenet' (non-AdvProp checkpoints).
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 def eval_crop_fraction(image_size, crop_fraction=None):
-  """The reference's S/(S+32) unless `crop_fraction` overrides it (.875 for B0 ... .954 for B8)."""
+  """The reference's exact S/(S+32) unless `crop_fraction` overrides it.
+
+  timm's crop_pct (.875 .882 .890 .904 .922 .934 .942 .949 .954 for B0-B8, models.efficientnet.SCALING)
+  are these fractions rounded: their crop side is 1 px off the reference's for 20-53 % of short sides
+  200-1000 (B1-B8; B0's .875 is exact).
+  """
   if crop_fraction is None:
     return image_size / (image_size + CROP_PADDING)
   return float(crop_fraction)
 
 
 def center_crop_window(height, width, image_size, crop_fraction=None):
-  """[offset_h, offset_w, side, side] (int32) of the eval center crop, exactly as the reference."""
+  """[offset_h, offset_w, side, side] (int32) of the eval center crop, exactly as the reference:
+  side = int(fraction * min(h, w)) in float32 arithmetic, offsets (h - side + 1) // 2."""
   fraction = eval_crop_fraction(image_size, crop_fraction)
   height = tf.cast(height, tf.int32)
   width = tf.cast(width, tf.int32)
@@ -39,14 +53,16 @@ def random_crop_window(shape, seed, image_size, crop_fraction=None):
   """Inception crop window; falls back to the eval center crop when no valid box was found.
 
   sample_distorted_bounding_box returns the whole image when its 10 attempts fail; the reference
-  detects that (all three dims equal) and uses the center crop instead, and so do we.
+  detects that by comparing the JPEG's [h, w, channels] with the decoded crop's [h, w, 3] (all three
+  equal), and so do we: a grayscale JPEG (1 channel) therefore never falls back and is resized whole.
   """
+  shape = tf.cast(shape, tf.int32)
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.cast(shape, tf.int32), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+      shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
       min_object_covered=0.1, aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0), area_range=(0.08, 1.0),
       max_attempts=10, use_image_if_no_bounding_boxes=True)
   window = tf.stack([begin[0], begin[1], size[0], size[1]])
-  failed = tf.reduce_all(tf.equal(tf.cast(shape, tf.int32)[:2], size[:2]))
+  failed = tf.reduce_all(tf.equal(shape, tf.stack([size[0], size[1], 3])))
   return tf.where(failed, center_crop_window(shape[0], shape[1], image_size, crop_fraction), window)
 
 
@@ -59,7 +75,10 @@ def _decode(image):
 
 
 def decode_and_crop(image, window_fn):
-  """Decodes (if bytes) the region window_fn(shape) of `image`; uint8 [h, w, 3]."""
+  """Decodes (if bytes) the region window_fn(shape) of `image`; uint8 [h, w, 3].
+
+  window_fn gets [h, w, channels] of the stored image (channels of the JPEG itself: 1 for grayscale).
+  """
   if image.dtype != tf.string:
     return _crop(image, window_fn(tf.shape(image)))
 
@@ -86,11 +105,25 @@ def decode_full(image):
   return out
 
 
-def resize(image, image_size, method='bicubic'):
-  """Resizes to [S, S] in float32 and clips to [0, 255]: bicubic overshoots, and the checkpoints were
-  trained/evaluated on uint8-range pixels, so normalised inputs stay inside [-1, 1]."""
-  out = tf.image.resize(tf.cast(image, tf.float32), [image_size, image_size], method=method)
-  return tf.clip_by_value(out, 0.0, 255.0)
+def resize(image, image_size, method='tf1_bicubic', clip=True):
+  """uint8 or float [h, w, c] -> float32 [S, S, c] (image_size S, or an (h, w) pair) with one of
+  RESIZE_METHODS.
+
+  Bicubic overshoots [0, 255]. clip=True (the default, for callers that round to uint8 next) clips;
+  the model-input paths pass clip=False: the reference feeds the overshoot to the model, and clips
+  only right before its uint8 cast for AutoAugment.
+  """
+  size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+  if method == 'tf1_bicubic':
+    # The raw op is what tf.compat.v1.image.resize_bicubic runs; fed uint8 directly (it converts
+    # internally, so a separate cast of the whole crop to float32 would only cost time).
+    out = tf.raw_ops.ResizeBicubic(images=image[None], size=size, align_corners=False,
+                                   half_pixel_centers=False)[0]
+  elif method == 'tf2_bicubic':
+    out = tf.image.resize(tf.cast(image, tf.float32), size, method='bicubic')
+  else:
+    raise ValueError(f'resize_method={method!r}; allowed: {RESIZE_METHODS}')
+  return tf.clip_by_value(out, 0.0, 255.0) if clip else out
 
 
 def normalize(image, normalization='minus_one_one'):
@@ -98,14 +131,15 @@ def normalize(image, normalization='minus_one_one'):
   if normalization == 'minus_one_one':  # AdvProp checkpoints: x * 2/255 - 1
     return image * (2.0 / 255.0) - 1.0
   if normalization == 'imagenet':
-    return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+    return (image - tf.constant(IMAGENET_MEAN_PIXELS)) / tf.constant(IMAGENET_STD_PIXELS)
   raise ValueError(f"normalization must be 'minus_one_one' or 'imagenet', got {normalization!r}")
 
 
 def preprocess_for_train(image, seed, *, image_size, train_crop='inception', random_flip=True,
                          augment='autoaugment', randaugment_layers=2, randaugment_magnitude=10,
-                         normalization='minus_one_one', resize_method='bicubic', crop_fraction=None):
-  """bytes or uint8 image, [2] int seed -> float32 [S, S, 3] model input."""
+                         normalization='minus_one_one', resize_method='tf1_bicubic',
+                         crop_fraction=None, augment_semantics='tf_reference'):
+  """bytes or uint8 image, [2] int seed -> float32 [S, S, 3] model input (reference op order)."""
   crop_seed, flip_seed, aug_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   if train_crop == 'inception':
     image = decode_and_crop(
@@ -114,17 +148,20 @@ def preprocess_for_train(image, seed, *, image_size, train_crop='inception', ran
     image = decode_full(image)
   else:
     raise ValueError(f"train_crop must be 'inception' or 'resize', got {train_crop!r}")
-  image = resize(image, image_size, resize_method)
-  if random_flip:
+  image = resize(image, image_size, resize_method, clip=False)
+  if augment != 'none':
+    # The reference augments uint8 pixels: clip and truncate, as it does. (It flips before this;
+    # clipping and casting are per pixel, so flipping the uint8 image after is the same, 4x cheaper.)
+    image = tf.cast(tf.clip_by_value(image, 0.0, 255.0), tf.uint8)
+  if random_flip:  # after the resize, as the reference (TF1 bicubic is not mirror-symmetric)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if augment != 'none':
-    # The reference augments uint8 pixels: clip (done in resize) and truncate, as it does.
-    image = tf.cast(image, tf.uint8)
     if augment == 'autoaugment':
-      image = autoaugment.distort_image_with_autoaugment(image, aug_seed)
+      image = autoaugment.distort_image_with_autoaugment(image, aug_seed,
+                                                         semantics=augment_semantics)
     elif augment == 'randaugment':
       image = autoaugment.distort_image_with_randaugment(
-          image, randaugment_layers, randaugment_magnitude, aug_seed)
+          image, randaugment_layers, randaugment_magnitude, aug_seed, semantics=augment_semantics)
     else:
       raise ValueError(f"augment must be 'autoaugment', 'randaugment' or 'none', got {augment!r}")
     image = tf.cast(image, tf.float32)
@@ -133,10 +170,24 @@ def preprocess_for_train(image, seed, *, image_size, train_crop='inception', ran
 
 
 def preprocess_for_eval(image, *, image_size, crop_fraction=None, normalization='minus_one_one',
-                        resize_method='bicubic'):
-  """bytes or uint8 image -> float32 [S, S, 3]: center crop, resize, normalise (deterministic)."""
-  image = decode_and_crop(
-      image, lambda shape: center_crop_window(shape[0], shape[1], image_size, crop_fraction))
-  image = resize(image, image_size, resize_method)
+                        resize_method='tf1_bicubic', eval_preprocessing='tf_reference'):
+  """bytes or uint8 image -> float32 [S, S, 3] (deterministic).
+
+  'tf_reference': center crop, `resize_method` resize, no clipping. 'timm': timm's eval transform
+  with crop_pct = crop_fraction (None: S/(S+32)); `resize_method` is not used (PIL bicubic).
+  """
+  if eval_preprocessing == 'tf_reference':
+    image = decode_and_crop(
+        image, lambda shape: center_crop_window(shape[0], shape[1], image_size, crop_fraction))
+    image = resize(image, image_size, resize_method, clip=False)
+  elif eval_preprocessing == 'timm':
+    # timm: short side -> floor(S / crop_pct); S + 32 when no fraction is set (S / (S / (S + 32))
+    # may round below S + 32 in floating point).
+    scale_size = (image_size + CROP_PADDING if crop_fraction is None
+                  else math.floor(image_size / crop_fraction))
+    image = timm_eval.resize_shorter_and_center_crop(decode_full(image), image_size, scale_size)
+    image = tf.cast(image, tf.float32)
+  else:
+    raise ValueError(f'eval_preprocessing={eval_preprocessing!r}; allowed: {EVAL_PREPROCESSINGS}')
   image = tf.ensure_shape(image, [image_size, image_size, 3])
   return normalize(image, normalization)

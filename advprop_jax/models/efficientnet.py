@@ -37,6 +37,9 @@ class Scaling(NamedTuple):
   crop_fraction: float
 
 
+# crop_fraction is timm's crop_pct for the ported weights: the TF reference's S/(S+32) rounded to three
+# decimals (1 px off the reference's crop side for many image sizes). predict/export use it for timm-style
+# evaluation; the training recipe (configs/efficientnet.py) sets data.crop_fraction=None, the exact rule.
 SCALING = {
     'efficientnet-b0': Scaling(1.0, 1.0, 224, 0.2, 0.875),
     'efficientnet-b1': Scaling(1.0, 1.1, 240, 0.2, 0.882),
@@ -47,7 +50,7 @@ SCALING = {
     'efficientnet-b6': Scaling(1.8, 2.6, 528, 0.5, 0.942),
     'efficientnet-b7': Scaling(2.0, 3.1, 600, 0.5, 0.949),
     'efficientnet-b8': Scaling(2.2, 3.6, 672, 0.5, 0.954),
-    # L2: crop fraction by the S/(S+32) rule, as for the others.
+    # L2 (no timm weights): the unrounded S/(S+32).
     'efficientnet-l2': Scaling(4.3, 5.3, 800, 0.5, 800 / 832),
 }
 
