@@ -105,24 +105,24 @@ def decode_full(image):
   return out
 
 
-def resize(image, image_size, method='tf1_bicubic', clip=True):
-  """uint8 or float [h, w, c] -> float32 [S, S, c] (image_size S, or an (h, w) pair) with one of
-  RESIZE_METHODS.
+def resize(image, image_size, kernel='tf1_bicubic', clip=True):
+  """uint8 or float [h, w, c] -> float32 [S, S, c] (image_size S, or an (h, w) pair) with the kernel
+  named `kernel`, one of RESIZE_METHODS.
 
   Bicubic overshoots [0, 255]. clip=True (the default, for callers that round to uint8 next) clips;
   the model-input paths pass clip=False: the reference feeds the overshoot to the model, and clips
   only right before its uint8 cast for AutoAugment.
   """
   size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
-  if method == 'tf1_bicubic':
+  if kernel == 'tf1_bicubic':
     # The raw op is what tf.compat.v1.image.resize_bicubic runs; fed uint8 directly (it converts
     # internally, so a separate cast of the whole crop to float32 would only cost time).
     out = tf.raw_ops.ResizeBicubic(images=image[None], size=size, align_corners=False,
                                    half_pixel_centers=False)[0]
-  elif method == 'tf2_bicubic':
+  elif kernel == 'tf2_bicubic':
     out = tf.image.resize(tf.cast(image, tf.float32), size, method='bicubic')
   else:
-    raise ValueError(f'resize_method={method!r}; allowed: {RESIZE_METHODS}')
+    raise ValueError(f'resize_method={kernel!r}; allowed: {RESIZE_METHODS}')
   return tf.clip_by_value(out, 0.0, 255.0) if clip else out
 
 
