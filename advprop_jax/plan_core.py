@@ -22,8 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from advprop_jax import config as config_lib
+from advprop_jax import factories
+from advprop_jax import flops as flops_lib
 from advprop_jax import parallel
+from advprop_jax import step as step_lib
 from advprop_jax import topologies
+from advprop_jax.eval.step import make_eval_step
 
 _COLLECTIVE = re.compile(r'=\s*(?P<type>.*?)\s(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|'
                          r'collective-permute|collective-broadcast)(?:-start)?\(')
@@ -72,12 +77,6 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
   return dict(sorted(found.items()))
 
 
-def _flops(analysis) -> float:
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get('flops', float('nan')))
-
-
 @contextlib.contextmanager
 def _no_persistent_cache_write():
   """Keeps AOT TPU executables out of JAX's persistent compilation cache.
@@ -118,93 +117,36 @@ def compile_and_measure(step_fn, args, *, num_devices: int, hbm_bytes_per_device
   total = (plan_bytes['argument_bytes'] + plan_bytes['output_bytes'] - plan_bytes['alias_bytes']
            + plan_bytes['temp_bytes'])
   result = dict(plan_bytes, per_core_bytes=total, trace_lower_s=t1 - t0, compile_s=t2 - t1,
-                flops_per_device=_flops(compiled.cost_analysis()),
+                flops_per_device=flops_lib.xla_flops(compiled),
                 collectives=collectives(compiled.as_text(), num_devices))
   if hbm_bytes_per_device:
     result.update(hbm_bytes_per_core=hbm_bytes_per_device, fits=total <= hbm_bytes_per_device)
   return result
 
 
-# --- this codebase's steps (today's names: trainer.build_model / build_optimizer, train.*) ------------
-
-def model_for_platform(model, platform: str):
-  """`model` with depthwise_impl 'auto' resolved for `platform`, not for this process's backend.
-
-  layers.resolve_depthwise_impl('auto') asks jax.default_backend(), which is 'cpu' on the machine
-  that plans: the TPU program would get the CPU 'shifted' kernels. Same rule, explicit platform.
-  """
-  if getattr(model, 'depthwise_impl', None) == 'auto':
-    model = model.clone(depthwise_impl='shifted' if platform == 'cpu' else 'grouped')
-  return model
-
+# --- this codebase's steps ----------------------------------------------------------------------------
 
 def abstract_train_args(model, tx, config, mesh):
   """(state, batch, rng) of the train step as ShapeDtypeStructs: state replicated, batch sharded."""
-  from advprop_jax import train, trainer  # pylint: disable=import-outside-toplevel
   size = config.data.image_size
-  state = jax.eval_shape(lambda rng: train.create_train_state(model, tx, rng, size, mesh),
-                         jax.random.PRNGKey(0))
-  n = trainer.loader_batch_size(config)
+  n = factories.loader_batch_size(config)
   batch = {'image': jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32),
            'label': jax.ShapeDtypeStruct((n,), jnp.int32)}
   replicated = parallel.replicated_sharding(mesh)
-  return (abstract(state, replicated), abstract(batch, parallel.batch_sharding(mesh)),
-          abstract(jax.random.PRNGKey(0), replicated))
-
-
-def _attacks(config):
-  """[(distribution, PGD steps)] one train step of config.method runs (as benchmarks/throughput)."""
-  from advprop_jax import attacks  # pylint: disable=import-outside-toplevel
-  steps = lambda eps: int(config.attack.num_steps or attacks.default_num_steps(eps))
-  if config.method == 'advprop':
-    return [('adv', steps(config.attack.epsilon_pixels))]
-  if config.method == 'adv_train':
-    return [('clean', steps(config.attack.epsilon_pixels))]
-  if config.method == 'fine_grained_advprop':
-    return [(f'adv{i + 1}', steps(e)) for i, e in enumerate(config.fine_grained_epsilons_pixels)]
-  return []
-
-
-def pgd_loop_flops(model, config, state, per_device_batch: int) -> float:
-  """Per-device FLOPs of PGD iterations 2..K, which XLA's cost analysis leaves out.
-
-  HloCostAnalysis counts a while loop's body once; pgd() runs K > 1 steps in a fori_loop. One iteration
-  is a forward + input-gradient pass (cost of that pass alone, lowered, not compiled). The same method
-  as benchmarks/throughput.attack_loop_flops, which the library cannot import (not packaged).
-  """
-  from advprop_jax import objectives  # pylint: disable=import-outside-toplevel
-  passes = objectives.Passes(model)
-  size = config.data.image_size
-  spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
-  x = jax.ShapeDtypeStruct((per_device_batch, size, size, 3), jnp.float32)
-  labels = jax.ShapeDtypeStruct((per_device_batch,), jnp.int32)
-  extra = 0.0
-  for distribution, k in _attacks(config):
-    if k <= 1:
-      continue
-    def input_grad(params, model_state, z, y, distribution=distribution):
-      def loss(z):
-        logits, _ = passes(params, model_state, z, distribution=distribution,
-                           train=config.attack.bn_mode == 'train', rng=jax.random.PRNGKey(0),
-                           update_stats=False)
-        return jnp.sum(objectives.cross_entropy(logits, y, config.num_classes))
-      return jax.grad(loss)(z)
-    lowered = jax.jit(input_grad).lower(spec(state.params), spec(state.model_state), x, labels)
-    extra += (k - 1) * _flops(lowered.cost_analysis())
-  return extra
+  return (step_lib.abstract_train_state(model, tx, size, mesh),
+          abstract(batch, parallel.batch_sharding(mesh)), abstract(jax.random.PRNGKey(0), replicated))
 
 
 def plan_train_step(model, tx, config, mesh, lr_fn, *, hbm_bytes_per_device=None) -> dict:
   """Compiles config's train step over `mesh`; compile_and_measure's dict plus PGD FLOPs added back."""
-  from advprop_jax import train, trainer  # pylint: disable=import-outside-toplevel
   state, batch, rng = abstract_train_args(model, tx, config, mesh)
-  step = train.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
+  step = step_lib.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
   devices = mesh.devices.size
   result = compile_and_measure(step, (state, batch, rng), num_devices=devices,
                                hbm_bytes_per_device=hbm_bytes_per_device)
-  n = trainer.loader_batch_size(config)
+  n = factories.loader_batch_size(config)
   # HloCostAnalysis counts the PGD fori_loop body once: add iterations 2..K (forward + input gradient).
-  pgd_extra = pgd_loop_flops(model, config, state, n // devices)
+  pgd_extra = flops_lib.attack_loop_flops(model, config, state.params, state.model_state, n // devices)
   result.update(num_params=sum(math.prod(a.shape) for a in jax.tree.leaves(state.params)),
                 param_bytes=tree_bytes(state.params),
                 replicated_state_bytes=tree_bytes(state), batch_bytes_per_core=tree_bytes(batch) // devices,
@@ -214,11 +156,10 @@ def plan_train_step(model, tx, config, mesh, lr_fn, *, hbm_bytes_per_device=None
   return result
 
 
-def plan_eval_step(model, config, mesh, *, hbm_bytes_per_device=None) -> dict:
+def plan_evaluation(model, config, mesh, *, hbm_bytes_per_device=None) -> dict:
   """Compiles the clean eval step (EMA weights, main BN) at config.eval_batch_size."""
-  from advprop_jax import train  # pylint: disable=import-outside-toplevel
   size = config.data.image_size
-  variables = jax.eval_shape(lambda rng: train.init_variables(model, rng, size), jax.random.PRNGKey(0))
+  variables = jax.eval_shape(lambda rng: step_lib.init_variables(model, rng, size), jax.random.PRNGKey(0))
   replicated = parallel.replicated_sharding(mesh)
   params = abstract(variables['params'], replicated)
   model_state = abstract({k: v for k, v in variables.items() if k != 'params'}, replicated)
@@ -226,7 +167,7 @@ def plan_eval_step(model, config, mesh, *, hbm_bytes_per_device=None) -> dict:
   batch = abstract({'image': jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32),
                     'label': jax.ShapeDtypeStruct((n,), jnp.int32),
                     'mask': jax.ShapeDtypeStruct((n,), jnp.float32)}, parallel.batch_sharding(mesh))
-  step = train.make_eval_step(model, mesh, num_classes=config.num_classes)
+  step = make_eval_step(model, mesh, num_classes=config.num_classes)
   result = compile_and_measure(step, (params, model_state, batch), num_devices=mesh.devices.size,
                                hbm_bytes_per_device=hbm_bytes_per_device)
   result['flops_per_image'] = result['flops_per_device'] * mesh.devices.size / n
@@ -250,26 +191,25 @@ def hbm_exhausted(error: Exception):
   return None
 
 
-def plan(config, topology: str, *, eval_step: bool = False, steps_per_epoch: int = 1000) -> dict:
+def plan(config, topology: str, *, eval_step: bool = False) -> dict:
   """Compiles `config`'s train step for TPU slice `topology` ('v4-32'); one dict of facts.
 
   Batches as training has them: the global batch (loader batch for Fast AdvProp) is sharded over every
-  device of the slice; each process feeds global / processes images. steps_per_epoch only sets the LR
-  schedule's constants; it does not change the program's shape, memory or FLOPs.
+  device of the slice; each process feeds global / processes images. The learning-rate schedule does
+  not change the program's shape, memory or FLOPs, so a nominal steps-per-epoch builds it.
   """
-  from advprop_jax import config as config_lib, trainer  # pylint: disable=import-outside-toplevel
   tpu = topologies.parse(topology)
-  devices = topologies.slice_devices(tpu)
   config_lib.validate(config, tpu.devices, tpu.processes)
+  devices = topologies.slice_devices(tpu)
   mesh = parallel.create_mesh(config.bn_group_size, devices=devices)
-  model = model_for_platform(trainer.build_model(config), devices[0].platform)
-  tx, lr_fn = trainer.build_optimizer(config, steps_per_epoch)
-  n = trainer.loader_batch_size(config)
+  model = factories.build_model(config, platform=devices[0].platform)
+  tx, lr_fn = factories.build_optimizer(config, 1000.0)
+  n = factories.loader_batch_size(config)
   result = dict(tpu.describe(), model=config.model, method=config.method, dtype=config.dtype,
                 image_size=config.data.image_size, global_batch=n, per_process_batch=n // tpu.processes,
                 per_core_batch=n // tpu.devices, bn_group_size=int(mesh.shape[parallel.BN_AXIS]),
                 depthwise_impl=getattr(model, 'depthwise_impl', None),
-                peak_flops_per_core=tpu.peak_flops_per_device)
+                remat=bool(getattr(model, 'remat', False)), peak_flops_per_core=tpu.peak_flops_per_device)
   hbm = tpu.usable_hbm_bytes_per_device
   t = time.perf_counter()
   try:
@@ -281,10 +221,10 @@ def plan(config, topology: str, *, eval_step: bool = False, steps_per_epoch: int
     # The TPU compiler refuses a program that does not fit in HBM (after trying to rematerialise):
     # that is the answer. Its figure is what it needed for temporaries alone.
     result.update(fits=False, hbm_bytes_per_core=exhausted[1], temp_bytes_required=exhausted[0],
-                  failed_after_s=time.perf_counter() - t, compile_error=str(e).splitlines()[0])
+                  compile_s=time.perf_counter() - t, compile_error=str(e).splitlines()[0])
   if eval_step:
     try:
-      result['eval'] = plan_eval_step(model, config, mesh, hbm_bytes_per_device=hbm)
+      result['eval'] = plan_evaluation(model, config, mesh, hbm_bytes_per_device=hbm)
     except Exception as e:  # pylint: disable=broad-except
       if hbm_exhausted(e) is None:
         raise

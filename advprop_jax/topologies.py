@@ -20,9 +20,11 @@ accelerator type; any other shape can be given as a topology, e.g. `v4:2x2x3`.
 This module imports nothing heavy: jax is imported inside slice_devices only.
 """
 import dataclasses
+import importlib.util
 import math
+import os
 import re
-from typing import Optional, Tuple
+from typing import Tuple
 
 GIB = 2 ** 30
 
@@ -192,6 +194,21 @@ def parse(name: str) -> Slice:
       raise _bad(name, f'{chip.generation} topologies have {chip.mesh_dims} dimensions')
     return _make(name, chip, shape)
   raise _bad(name, 'not <type>-<N> or <generation>:<shape>')
+
+
+def libtpu_available() -> bool:
+  """Whether the TPU compiler (requirements-tpu.txt) is installed."""
+  return importlib.util.find_spec('libtpu') is not None
+
+
+def compile_only_environment() -> None:
+  """Settings for a process that only compiles for TPU slices (`plan`): it runs nothing on any device but
+  the host CPU, even on a TPU VM whose chips a training job holds, and several such processes may load
+  libtpu at once (libtpu otherwise locks /tmp/libtpu_lockfile per process, which only matters for
+  processes that drive a TPU). Call before JAX starts its backends."""
+  import jax  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  jax.config.update('jax_platforms', 'cpu')
 
 
 def slice_devices(tpu_slice: Slice) -> list:

@@ -9,7 +9,12 @@ import importlib.util
 import jax
 import pytest
 
+from advprop_jax import config as config_lib
+from advprop_jax import factories
+from advprop_jax import flops
+from advprop_jax import parallel
 from advprop_jax import plan_core
+from advprop_jax import step as step_lib
 from advprop_jax import topologies
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -22,7 +27,6 @@ TINY = dict(width=0.25, depth=0.25, dropout_rate=0.0, drop_connect_rate=0.0, hea
 
 
 def tiny_config(**fields):
-  from advprop_jax import config as config_lib
   c = config_lib.base_config()
   c.update_from_flattened_dict({'model': 'efficientnet-b0', 'method': 'advprop', 'dtype': 'bfloat16',
                                 'num_classes': 10, 'data.image_size': 32, 'global_batch_size': 256,
@@ -60,13 +64,12 @@ def test_out_of_hbm_errors_give_required_and_available_bytes():
 
 
 def test_depthwise_auto_resolves_for_the_target_platform_not_this_host():
-  from advprop_jax.models import create_model
-  model = create_model('efficientnet-b0', num_classes=10, **TINY)
-  assert model.depthwise_impl == 'auto'
-  assert plan_core.model_for_platform(model, 'tpu').depthwise_impl == 'grouped'
-  assert plan_core.model_for_platform(model, 'cpu').depthwise_impl == 'shifted'
-  explicit = model.clone(depthwise_impl='shifted')
-  assert plan_core.model_for_platform(explicit, 'tpu').depthwise_impl == 'shifted'
+  config = tiny_config()
+  assert factories.build_model(config).depthwise_impl == 'auto'  # resolved at trace time, on this host
+  assert factories.build_model(config, platform='tpu').depthwise_impl == 'grouped'
+  assert factories.build_model(config, platform='cpu').depthwise_impl == 'shifted'
+  config.model_overrides.depthwise_impl = 'shifted'
+  assert factories.build_model(config, platform='tpu').depthwise_impl == 'shifted'
 
 
 @needs_libtpu
@@ -83,16 +86,16 @@ def lowered_flops_estimate(config, per_device_batch):
   Pre-optimisation HLO cost, so no TPU compiler pass is involved; grouped depthwise like the TPU
   program. XLA:CPU's *compiled* count is no reference: it rewrites grouped convolutions densely.
   """
-  from advprop_jax import parallel, train, trainer
   config = config.copy_and_resolve_references()
   config.global_batch_size = per_device_batch
   mesh = parallel.create_mesh(-1, devices=jax.devices('cpu')[:1])
-  model = trainer.build_model(config).clone(depthwise_impl='grouped')
-  tx, lr_fn = trainer.build_optimizer(config, 1000)
+  model = factories.build_model(config).clone(depthwise_impl='grouped')
+  tx, lr_fn = factories.build_optimizer(config, 1000)
   args = plan_core.abstract_train_args(model, tx, config, mesh)
-  step = train.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
-  lowered_flops = plan_core._flops(step.trace(*args).lower().cost_analysis())
-  return lowered_flops + plan_core.pgd_loop_flops(model, config, args[0], per_device_batch)
+  step = step_lib.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
+  lowered_flops = flops.xla_flops(step.trace(*args).lower())
+  return lowered_flops + flops.attack_loop_flops(model, config, args[0].params, args[0].model_state,
+                                                 per_device_batch)
 
 
 @needs_libtpu
