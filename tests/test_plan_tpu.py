@@ -5,13 +5,16 @@ CPU core (measured: see the report in the branch history); the HLO parser and de
 everywhere.
 """
 import importlib.util
+import json
 
 import jax
 import pytest
 
+from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import factories
 from advprop_jax import flops
+from advprop_jax import optim
 from advprop_jax import parallel
 from advprop_jax import plan_core
 from advprop_jax import step as step_lib
@@ -130,3 +133,68 @@ def test_tiny_advprop_step_compiles_for_a_multi_host_v4_slice():
   # Measured ratio TPU-compiled / lowered: 1.29 for this tiny bf16 step (1.09 in float32, 1.09 for
   # full-width B0 at 64 px): the TPU compiler adds converts and layout work at this size.
   assert 1.0 <= result['flops_per_step'] / estimate <= 1.5, (result['flops_per_step'], estimate)
+
+
+# --- the command line (python -m advprop_jax.plan) ---
+
+TINY_FLAGS = ['--config=configs/demo.py', '--config.dtype=bfloat16',
+              '--config.model_overrides.stages=((1,3,1,1,16),(2,3,2,6,24))',
+              '--config.model_overrides.head_features=64', '--config.eval_batch_size=128']
+
+
+def run_plan_cli(capsys, *argv):
+  from advprop_jax import plan
+  status = cli.call(plan.define_flags, plan.main, 'advprop_jax.plan', list(argv))
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+@pytest.mark.parametrize('argv, field', [
+    (['--topology=v4-33'], '--topology'),
+    (['--topology=tpu7-8'], '--topology'),
+    (['--topology=v4-8', '--utilization=1.5'], '--utilization'),
+    (['--topology=v4-8', '--config.method=advprob'], 'method'),
+])
+def test_plan_mistakes_are_one_line_and_exit_2_before_compiling(capsys, tmp_path, argv, field):
+  status, out, err = run_plan_cli(capsys, *TINY_FLAGS, f'--output={tmp_path}', *argv)
+  assert status == 2
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1 and field in lines[0], err
+  assert not list(tmp_path.iterdir())
+
+
+@needs_libtpu
+def test_plan_cli_reports_a_multi_host_slice_and_projects_the_run(capsys, tmp_path):
+  status, out, _ = run_plan_cli(capsys, *TINY_FLAGS, '--topology=v5litepod-16', f'--output={tmp_path}',
+                                '--train_examples=1797', '--utilization=0.25')
+  assert status == 0
+  result = json.loads(out.strip().splitlines()[-1])
+  assert (result['topology'], result['devices'], result['processes']) == ('v5litepod-16', 16, 4)
+  assert result['per_core_batch'] == 4 and result['fits'] and 'with_remat' not in result
+  assert result['per_core_bytes'] < result['hbm_bytes_per_core'] == 1575 * 2 ** 30 // 100
+  assert result['flops_per_step'] > 0 and result['compile_s'] > 0
+  steps = optim.epochs_to_steps(30.0, 1797, 64)
+  projection = result['projection']
+  assert projection['steps'] == steps
+  floor_s = result['flops_per_step'] * steps / (16 * 197e12)
+  assert projection['floor_hours'] == pytest.approx(floor_s / 3600)
+  assert projection['hours'] == pytest.approx(4 * floor_s / 3600)
+  assert 'PROJECTION' in out
+  stem = tmp_path / 'efficientnet-b0-advprop-v5litepod-16'
+  assert json.loads((stem.with_suffix('.json')).read_text())['flops_per_step'] == result['flops_per_step']
+  assert (stem.with_suffix('.md')).read_text().startswith('| efficientnet-b0 | advprop | v5litepod-16 |')
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_plan_cli_tries_remat_and_estimates_a_fitting_batch_when_the_step_does_not_fit(capsys, tmp_path):
+  # 2^18 images of 32 px per v5e chip: far beyond its 15.75 GiB of HBM, with or without remat.
+  status, out, _ = run_plan_cli(capsys, *TINY_FLAGS, '--topology=v5litepod-4', '--output=',
+                                f'--config.global_batch_size={4 * 2 ** 18}')
+  assert status == 0
+  result = json.loads(out.strip().splitlines()[-1])
+  assert not result['fits'] and not result['with_remat']['fits']
+  assert result['temp_bytes_required'] > result['hbm_bytes_per_core']
+  estimate = result['fitting_per_core_batch_estimate']
+  assert 1 <= estimate < 2 ** 18
+  assert 'does NOT fit' in out and f'--config.global_batch_size={4 * estimate}' in out
