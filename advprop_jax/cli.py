@@ -15,6 +15,8 @@
 """
 import contextlib
 import difflib
+import glob
+import importlib.util
 import logging
 import os
 import re
@@ -121,6 +123,7 @@ def call(define: Callable[[flags.FlagValues], None], main: Callable, prog: str, 
 def run(main: Callable, prog: str, doc: str, define: Optional[Callable[[flags.FlagValues], None]] = None):
   """The entry point: app.run(main) with this module's conventions (see the module doc)."""
   _make_configs_importable()
+  _no_tpu_backend_without_a_tpu()
   before = set(flags.FLAGS)
   _define(define, flags.FLAGS)
   for name in set(flags.FLAGS) - before:  # --help of a console script lists this CLI's flags
@@ -144,9 +147,28 @@ def run(main: Callable, prog: str, doc: str, define: Optional[Callable[[flags.Fl
     if not flags.FLAGS.verbose:
       for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
         handler.addFilter(_own_info_only)
+      # TF logs through its own logger and handler, from tf_logging.py rather than the caller's file.
+      logging.getLogger('tensorflow').addFilter(
+          lambda record: 'is deprecated and will be removed' not in record.getMessage())
     sys.exit(_guarded(main, prog)(argv, flags.FLAGS))
 
   app.run(main_with_logs, flags_parser=parse)
+
+
+def _no_tpu_backend_without_a_tpu() -> None:
+  """With libtpu installed (requirements-tpu.txt, for `plan`) on a machine without a TPU, JAX would try the
+  TPU backend first and libtpu print a screen of warnings about missing TPU metadata: use the CPU. Left
+  alone where JAX_PLATFORMS is set, a TPU is attached (/dev/accel*, /dev/vfio/N) or a GPU plugin is
+  installed (JAX then picks the GPU itself)."""
+  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+    return
+  if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') or os.environ.get('TPU_ACCELERATOR_TYPE'):
+    return
+  if any(importlib.util.find_spec(p) for p in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm7_plugin')):
+    return
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  if 'jax' in sys.modules:  # read from the environment at import; backends start at first use
+    sys.modules['jax'].config.update('jax_platforms', 'cpu')
 
 
 def _own_info_only(record: logging.LogRecord) -> bool:

@@ -12,6 +12,7 @@ from ml_collections.config_dict import placeholder
 from advprop_jax import methods
 from advprop_jax import models
 from advprop_jax import optim
+from advprop_jax import topologies
 from advprop_jax import validation
 from advprop_jax.data import choices as data_choices
 from advprop_jax.methods.passes import ATTACK_BN_MODES
@@ -126,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.prng_impl = 'threefry2x32'  # 'rbg' compiles faster on CPU
   c.profile_steps = ()  # (start, stop): capture a profiler trace into workdir
   c.max_steps = placeholder(int)  # stop early (debugging, demos)
+  # The Cloud TPU slice a recipe is sized for (`v4-32`, `v5litepod-16`, ...): the default --topology of
+  # `python -m advprop_jax.plan`, which checks by compiling that the step fits it. Training ignores it.
+  c.tpu_slice = placeholder(str)
   return c
 
 
@@ -172,6 +176,11 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 255:
       raise ConfigError(f'config.eval_pgd_epsilons_pixels={tuple(config.eval_pgd_epsilons_pixels)}: '
                         'each must be a number in (0, 255] (pixels)')
+  if config.tpu_slice is not None:
+    try:
+      topologies.parse(config.tpu_slice)
+    except ValueError as e:
+      raise ConfigError(f'config.tpu_slice={config.tpu_slice!r}: {e}') from e
   if config.max_steps is not None:
     require_number(config, 'max_steps', low=1, integer=True)
   for field in ('global_batch_size', 'eval_batch_size'):

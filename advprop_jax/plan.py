@@ -1,6 +1,6 @@
 """Compile a config's real training step for a TPU slice on any machine, without a TPU, and project the run.
 
-  python -m advprop_jax.plan --config=configs/efficientnet.py:b7 --topology=v4-32 [--config.x=...]
+  python -m advprop_jax.plan --config=configs/efficientnet.py:b7 [--topology=v4-32] [--config.x=...]
       [--output=plans] [--remat=auto|no] [--eval_step] [--utilization=U]
 
 Needs the TPU compiler: `pip install -r requirements-tpu.txt` (libtpu, on top of requirements.txt). The
@@ -100,7 +100,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
   config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py[:arg]).',
                                   lock_config=True, **fv)
-  flags.DEFINE_string('topology', None, f'TPU slice: {topologies.ACCEPTED_FORMS}.', **fv)
+  flags.DEFINE_string('topology', None, f'TPU slice: {topologies.ACCEPTED_FORMS} (default: the '
+                      'config\'s tpu_slice, the slice its recipe is sized for).', **fv)
   flags.DEFINE_string('output', 'plans', 'Directory for the JSON and markdown row ("" to write nothing).',
                       **fv)
   flags.DEFINE_enum('remat', 'auto', ['auto', 'no'], 'auto: when the step does not fit, compile it again '
@@ -110,7 +111,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                      **fv)
   flags.DEFINE_integer('train_examples', None, 'Training images per epoch for the projection (default: '
                        f'known for {sorted(KNOWN_TRAIN_EXAMPLES)}).', **fv)
-  flags.mark_flags_as_required(['config', 'topology'], **fv)
+  flags.mark_flags_as_required(['config'], **fv)
 
 
 def run_plan(config, topology: str, *, remat='auto', eval_step=False, utilization=None,
@@ -138,25 +139,29 @@ def run_plan(config, topology: str, *, remat='auto', eval_step=False, utilizatio
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
+  config = flag_values.config
+  topology = flag_values.topology or config.get('tpu_slice')
+  if not topology:
+    cli.fail('--topology: no slice named and the config names none (config.tpu_slice); e.g. '
+             '--topology=v4-32')
   try:
-    topologies.parse(flag_values.topology)
+    topologies.parse(topology)
   except ValueError as e:
-    cli.fail(f'--topology: {e}')
+    cli.fail(f'{"--topology" if flag_values.topology else "config.tpu_slice"}: {e}')
   if not topologies.libtpu_available():
     cli.fail('the TPU compiler is not installed: pip install -r requirements-tpu.txt (libtpu)')
   topologies.compile_only_environment()
-  config = flag_values.config
   if flag_values.utilization is not None and not 0 < flag_values.utilization <= 1:
     cli.fail(f'--utilization={flag_values.utilization} must be in (0, 1]')
   try:
-    result = run_plan(config, flag_values.topology, remat=flag_values.remat,
+    result = run_plan(config, topology, remat=flag_values.remat,
                       eval_step=flag_values.eval_step, utilization=flag_values.utilization,
                       train_examples=flag_values.train_examples)
   except config_lib.ConfigError as e:
     cli.fail(f'Config error: {e}')
   except Exception as e:  # pylint: disable=broad-except  (a compile failure that is not out-of-HBM)
     cli.fail(f'the step of {config.model} ({config.method}, global batch {config.global_batch_size}, '
-             f'{config.data.image_size} px, {config.dtype}) did not compile for {flag_values.topology}: '
+             f'{config.data.image_size} px, {config.dtype}) did not compile for {topology}: '
              f'{cli.one_line(e)}', code=1)
   _report(result, flag_values.output)
   return 0

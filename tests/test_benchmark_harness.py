@@ -37,6 +37,7 @@ def test_harness_json_line():
   assert result['flops_per_step'] > result['xla_cost_analysis_flops'] > 0
 
 
+@pytest.mark.slow  # a fresh process and its compile: ~1 min
 def test_cpu_host_split_into_devices_with_global_bn():
   """--cpu_devices splits the CPU into devices (a fresh process: JAX fixes the count at start-up) and
   the CPU default is global BN, so the split step computes the single-device statistics."""

@@ -154,6 +154,8 @@ def run_plan_cli(capsys, *argv):
     (['--topology=tpu7-8'], '--topology'),
     (['--topology=v4-8', '--utilization=1.5'], '--utilization'),
     (['--topology=v4-8', '--config.method=advprob'], 'method'),
+    ([], '--topology'),  # the demo config names no slice
+    (['--config.tpu_slice=v9-8'], 'config.tpu_slice'),
 ])
 def test_plan_mistakes_are_one_line_and_exit_2_before_compiling(capsys, tmp_path, argv, field):
   status, out, err = run_plan_cli(capsys, *TINY_FLAGS, f'--output={tmp_path}', *argv)

@@ -4,11 +4,14 @@ No libtpu needed. The expected rows were checked against libtpu 0.0.42.1's get_t
 count, process_index values, device_kind) with topologies.slice_devices, which raises on any mismatch;
 test_plan_tpu.py repeats that check where libtpu is installed.
 """
+import os
+
 import pytest
 
 from advprop_jax import topologies
 
 GIB = 2 ** 30
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (libtpu topology, JAX devices, processes, device kind, HBM per device, peak bf16 per device)
 SLICES = {
@@ -90,3 +93,12 @@ def test_importing_the_table_does_not_import_jax():
   code = 'import sys, advprop_jax.topologies; print("jax" in sys.modules)'
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == 'False'
+
+
+@pytest.mark.parametrize('model', ['b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7', 'b8', 'l2'])
+def test_every_recipe_names_a_slice_that_divides_its_batches(model):
+  from advprop_jax import config as config_lib
+  config = config_lib.load_file(os.path.join(REPO, 'configs', 'efficientnet.py'), model)
+  tpu = topologies.parse(config.tpu_slice)
+  config_lib.validate(config, tpu.devices, tpu.processes)  # batches divide devices and hosts
+  assert 8 <= config.global_batch_size // tpu.devices <= 256

@@ -194,3 +194,20 @@ def test_evaluate_with_every_evaluator_skipped_is_an_error(tmp_path, capsys):
                     [f'--workdir={workdir}', '--evaluators=imagenet_a,stylized'])
   err = capsys.readouterr()
   assert status == 1 and 'skipped' in err.err and '1000-class' in err.out
+
+
+@pytest.mark.parametrize('tpu_attached', [False, True])
+def test_libtpu_without_a_tpu_selects_the_cpu_backend(monkeypatch, tpu_attached):
+  """requirements-tpu.txt installs libtpu for `plan`; off a TPU the CLIs must not start (and warn about)
+  the TPU backend, on a TPU VM they must leave JAX's choice alone."""
+  updates = []
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
+  monkeypatch.setattr(cli.importlib.util, 'find_spec', lambda name: object() if name == 'libtpu' else None)
+  monkeypatch.setattr(cli.glob, 'glob', lambda pattern: ['/dev/accel0'] if tpu_attached else [])
+  monkeypatch.setattr(jax.config, 'update', lambda *args: updates.append(args))
+  cli._no_tpu_backend_without_a_tpu()  # pylint: disable=protected-access
+  if tpu_attached:
+    assert 'JAX_PLATFORMS' not in os.environ and not updates
+  else:
+    assert os.environ['JAX_PLATFORMS'] == 'cpu' and updates == [('jax_platforms', 'cpu')]
