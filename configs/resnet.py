@@ -47,4 +47,5 @@ def get_config(arg: str = '50'):
   c.ema_decay = 0.0  # no EMA in this recipe (evaluation then uses the raw weights' copy)
   c.bn_group_size = 0
   c.eval_pgd_epsilons_pixels = (1.0, 4.0)
+  c.tpu_slice = 'v4-16'  # 8 chips: 128 images each (python -m advprop_jax.plan checks that it fits)
   return c

@@ -95,10 +95,14 @@ def test_importing_the_table_does_not_import_jax():
   assert out.stdout.strip() == 'False'
 
 
-@pytest.mark.parametrize('model', ['b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7', 'b8', 'l2'])
-def test_every_recipe_names_a_slice_that_divides_its_batches(model):
+RECIPES = [('efficientnet.py', m) for m in ('b0', 'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7', 'b8', 'l2')] + [
+    ('resnet.py', '50'), ('resnet.py', '50,fast_advprop'), ('resnet.py', '152')]
+
+
+@pytest.mark.parametrize('config_file, arg', RECIPES)
+def test_every_recipe_names_a_slice_that_divides_its_batches(config_file, arg):
   from advprop_jax import config as config_lib
-  config = config_lib.load_file(os.path.join(REPO, 'configs', 'efficientnet.py'), model)
+  config = config_lib.load_file(os.path.join(REPO, 'configs', config_file), arg)
   tpu = topologies.parse(config.tpu_slice)
   config_lib.validate(config, tpu.devices, tpu.processes)  # batches divide devices and hosts
   assert 8 <= config.global_batch_size // tpu.devices <= 256
