@@ -12,16 +12,16 @@ out=${1:?OUTPUT_DIR}; models=${2:?models}; methods=${3:?methods}; shift 3
 python=${PYTHON:-.venv/bin/python}
 mkdir -p "$out"
 for model in $models; do
-  for method in $methods; do
+  for method_name in $methods; do
     for slice in "${@:-recipe}"; do
       topology=(); [ "$slice" != recipe ] && topology=(--topology="$slice")
-      log="$out/$model-$method-$slice.log"
+      log="$out/$model-$method_name-$slice.log"
       /usr/bin/time -f 'host: %e s wall, %M KB max RSS' "$python" -m advprop_jax.plan \
-          --config=configs/efficientnet.py:"$model" --config.method="$method" "${topology[@]}" \
+          --config=configs/efficientnet.py:"$model" --config.method="$method_name" "${topology[@]}" \
           --output="$out" >"$log" 2>&1
       echo "rc=$?" >>"$log"
       row=$(grep '^| efficientnet' "$log" | tail -1)
-      echo "${row:-| efficientnet-$model | $method | $slice | failed: see $log |}" | tee -a "$out/table.md"
+      echo "${row:-| efficientnet-$model | $method_name | $slice | failed: see $log |}" | tee -a "$out/table.md"
     done
   done
 done
