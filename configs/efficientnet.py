@@ -18,7 +18,7 @@ EPSILON_PIXELS = dict(b0=1.0, b1=1.0, b2=2.0, b3=2.0, b4=3.0, b5=3.0, b6=4.0, b7
 GLOBAL_BATCH = dict(b8=2048, l2=2048)  # others: 4096
 # The Cloud TPU v4 slice each recipe is sized for (config.tpu_slice; `python -m advprop_jax.plan` compiles
 # the step for it and says whether it fits). v4 devices are chips (megacore, 30.75 GiB usable HBM). Sized
-# from B0 AdvProp's compiled plan (13.5 GB per device at 256 images of 224 px) scaled by width x depth x
+# from B0 AdvProp's compiled plan (12.6 GiB per device at 256 images of 224 px) scaled by width x depth x
 # pixels, so that every device holds 8-256 images; benchmarks/RESULTS.md has what each plan measured.
 TPU_SLICE = dict(b0='v4-32', b1='v4-32', b2='v4-32', b3='v4-64', b4='v4-128', b5='v4-256', b6='v4-512',
                  b7='v4-512', b8='v4-512', l2='v4-512')
