@@ -143,7 +143,13 @@ def load_file(path: str, arg=None) -> ml_collections.ConfigDict:
 
 def set_overrides(config) -> dict:
   """The model overrides a config sets (its unset placeholders dropped), as a plain dict."""
-  return {k: v for k, v in config.model_overrides.to_dict().items() if v is not None}
+  return without_unset(config.model_overrides.to_dict())
+
+
+def without_unset(overrides) -> dict:
+  """create_model overrides without the None placeholders (configs declare unset fields as None so that
+  the command line may set them, e.g. configs/demo.py's stages/head_features); also for a run's JSON."""
+  return {k: v for k, v in dict(overrides or {}).items() if v is not None}
 
 
 def validate(config, num_devices: int, process_count: int = 1) -> None:

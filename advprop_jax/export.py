@@ -36,6 +36,7 @@ from flax import traverse_util
 
 from advprop_jax import checkpoints
 from advprop_jax import cli
+from advprop_jax import config as config_lib
 from advprop_jax import convert
 from advprop_jax.convert import savedmodel
 from advprop_jax.data import normalization as normalization_lib
@@ -55,12 +56,6 @@ TIMM_CONFIG_KEY = 'advprop_jax_config'  # safetensors metadata key of the export
 # --------------------------------------------------------------------------------------------------------
 # Configs: the export view of a run, and the config.json of an exported directory
 # --------------------------------------------------------------------------------------------------------
-def set_overrides(overrides) -> Dict[str, Any]:
-  """create_model overrides without the None placeholders (configs declare unset fields as None so that the
-  command line may set them, e.g. configs/demo.py's stages/head_features; the trainer drops them too)."""
-  return {k: v for k, v in dict(overrides or {}).items() if v is not None}
-
-
 def normalization_config(normalization: str) -> Dict[str, Any]:
   """normalization, pixel_mean, pixel_std (per channel, pixels) and input_range (images of pixels 0, 255)."""
   if normalization not in normalization_lib.NORMALIZATIONS:
@@ -109,7 +104,7 @@ def read_config(directory: str) -> Dict[str, Any]:
   missing = [k for k in CONFIG_KEYS if k not in config]
   if missing:
     raise UserError(f'{path} lacks {missing}: not written by advprop_jax.export --format=flax')
-  config['model_overrides'] = set_overrides(config['model_overrides'])
+  config['model_overrides'] = config_lib.without_unset(config['model_overrides'])
   if 'pixel_mean' not in config:
     mean, std = pixel_stats(config)
     config.update(normalization='minus_one_one' if np.allclose(mean, 127.5) else 'custom',
@@ -125,7 +120,7 @@ def run_config(workdir: str) -> Dict[str, Any]:
   full = _read_json(path, f'--workdir={workdir} must be a training run directory (config.json, checkpoints/)')
   try:
     data = full['data']
-    config = dict(model=full['model'], model_overrides=set_overrides(full.get('model_overrides')),
+    config = dict(model=full['model'], model_overrides=config_lib.without_unset(full.get('model_overrides')),
                   num_classes=int(full['num_classes']), image_size=int(data['image_size']))
     crop_fraction = data.get('crop_fraction')
     normalization = data.get('normalization', 'minus_one_one')
@@ -145,7 +140,7 @@ def run_config(workdir: str) -> Dict[str, Any]:
 
 def exported_config(config: Dict[str, Any]) -> Dict[str, Any]:
   """What an export records (flax config.json, timm metadata): main-distribution model, preprocessing."""
-  keep = dict(config, model_overrides={k: v for k, v in set_overrides(config['model_overrides']).items()
+  keep = dict(config, model_overrides={k: v for k, v in config_lib.without_unset(config['model_overrides']).items()
                                        if k != 'distributions'})
   return {k: keep[k] for k in CONFIG_KEYS + NORMALIZATION_KEYS if k in keep}
 
@@ -185,7 +180,7 @@ def load_inference_variables(workdir: str) -> Tuple[Dict[str, Any], dict]:
 
 def inference_model(config: Dict[str, Any]):
   """The model with the main distribution only (what the exported variables fit)."""
-  overrides = {k: v for k, v in set_overrides(config['model_overrides']).items() if k != 'distributions'}
+  overrides = {k: v for k, v in config_lib.without_unset(config['model_overrides']).items() if k != 'distributions'}
   try:
     return create_model(config['model'], num_classes=int(config['num_classes']), distributions=('clean',),
                         **overrides)

@@ -24,6 +24,7 @@ from absl import flags
 from PIL import Image, UnidentifiedImageError
 
 from advprop_jax import cli
+from advprop_jax import config as config_lib
 from advprop_jax import convert
 from advprop_jax import export
 from advprop_jax.cli import UserError, one_line
@@ -102,7 +103,7 @@ def _weight_file_config(path: str, model: Optional[str], model_overrides: Option
   if recorded.get('model') != model:
     recorded = {}  # the file's preprocessing belongs to another model
   overrides = recorded.get('model_overrides', {}) if model_overrides is None else model_overrides
-  config = dict(model=model, model_overrides=export.set_overrides(overrides),
+  config = dict(model=model, model_overrides=config_lib.without_unset(overrides),
                 image_size=recorded.get('image_size', default_image_size(model)),
                 crop_fraction=recorded.get('crop_fraction', default_crop_fraction(model)))
   if 'pixel_mean' in recorded:

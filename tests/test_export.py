@@ -107,15 +107,22 @@ def _umask():
   return umask
 
 
-def test_demo_workdir_savedmodel_export(demo, tmp_path):
+def _savedmodel_uint8_probabilities(workdir, tmp_path, *, seed, size):
+  """Exports `workdir` as a SavedModel (CPU): 2 random uint8 images and their probabilities from the
+  loaded model's serving_uint8 signature."""
   import tensorflow as tf
-  workdir, variables = demo
   out = tmp_path / 'sm'
   assert export.call([f'--workdir={workdir}', '--format=savedmodel', f'--output={out}',
                       '--platforms=cpu']) == 0
   loaded = tf.saved_model.load(str(out))
-  pixels = np.random.RandomState(4).randint(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  pixels = np.random.RandomState(seed).randint(0, 256, (2, size, size, 3)).astype(np.uint8)
   probs8 = loaded.signatures['serving_uint8'](images=tf.constant(pixels))['probabilities'].numpy()
+  return pixels, probs8
+
+
+def test_demo_workdir_savedmodel_export(demo, tmp_path):
+  workdir, variables = demo
+  pixels, probs8 = _savedmodel_uint8_probabilities(workdir, tmp_path, seed=4, size=32)
   module = export.inference_model(export.run_config(workdir))
   main = convert.main_distribution(variables, ('clean', 'adv'))
   np.testing.assert_allclose(probs8, probabilities(module, main, pixels / 127.5 - 1.0), atol=2e-5)
@@ -162,14 +169,8 @@ def test_resnet_timm_export_names_and_mean_std(resnet, image, tmp_path, capsys):
 
 
 def test_resnet_savedmodel_uint8_signature_normalises_per_channel(resnet, tmp_path):
-  import tensorflow as tf
   workdir, variables = resnet
-  out = tmp_path / 'sm'
-  assert export.call([f'--workdir={workdir}', '--format=savedmodel', f'--output={out}',
-                      '--platforms=cpu']) == 0
-  loaded = tf.saved_model.load(str(out))
-  pixels = np.random.RandomState(5).randint(0, 256, (2, 33, 33, 3)).astype(np.uint8)
-  probs8 = loaded.signatures['serving_uint8'](images=tf.constant(pixels))['probabilities'].numpy()
+  pixels, probs8 = _savedmodel_uint8_probabilities(workdir, tmp_path, seed=5, size=33)
   x = (pixels - MEAN_PIXELS) / STD_PIXELS
   config = export.run_config(workdir)
   main = convert.main_distribution(variables, ('clean', 'adv'))
