@@ -126,7 +126,7 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
   batches = input_pipeline.global_batches(
       input_pipeline.train_dataset(config.data, per_process_batch_size=loader_batch // jax.process_count(),
                                    seed=config.seed, start_step=start_step),
-      parallel.batch_sharding(mesh))
+      parallel.batch_sharding(mesh), config.data.normalization)
   profile = None
   if config.profile_steps and jax.process_index() == 0:
     profile = periodic_actions.Profile(logdir=workdir, first_profile=config.profile_steps[0],

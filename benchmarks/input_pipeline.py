@@ -4,18 +4,19 @@
       --augment=none,autoaugment
 
 Times, per augmentation setting and in alternating order each round, the per-image work of
-train_dataset (fused JPEG decode + Inception crop, TF1 bicubic resize, flip, AutoAugment v0 on uint8,
-[-1, 1] normalisation) against the reference's preprocess_image(is_training=True) re-written as a
-measured peer in benchmarks/reference_preprocessing.py: `reference` as it ran on the host (its output
-was normalised later, on the TPU) and `reference_normalized` (the same, plus our normalisation: the
-tensor ours produces). All run in tf.data with `threads` map threads and private thread pools, batch 32;
-record I/O is left out. Reported: images/s of wall time and images per CPU-second of this process
+train_dataset (input_pipeline.train_example_fn: fused JPEG decode + Inception crop, TF1 bicubic resize,
+flip, AutoAugment v0 on uint8) against the reference's preprocess_image(is_training=True) re-written as
+a measured peer in benchmarks/reference_preprocessing.py. Both yield pixels and leave normalisation to
+the accelerator (the reference in its model_fn, ours in input_pipeline.global_batches); ours also
+leaves the flip to it when no augmentation follows, and after AutoAugment stays uint8 where the
+reference casts to float32 on the host. All run in tf.data with `threads` map threads and
+private thread pools, batch 32; record I/O is left out. Reported: images/s of wall time and images per CPU-second of this process
 (time.process_time, all threads: less sensitive to other jobs on a shared machine), medians over rounds,
 and the median of the per-round ratios (a round's runs are back to back).
 
-Before timing it checks that the outputs are identical where the semantics are: eval preprocessing on
-every image; train preprocessing without augmentation with the reference driven by our random draws;
-each of policy v0's (op, level, sign) on train crops. Prints one JSON line per setting, last.
+Before timing it checks that the outputs are identical (pixel for pixel) where the semantics are: eval
+preprocessing on every image; train preprocessing without augmentation with the reference driven by our
+random draws; each of policy v0's (op, level, sign) on train crops. Prints one JSON line per setting, last.
 """
 import argparse
 import json
@@ -43,33 +44,32 @@ def synthetic_jpegs(num_images, height=375, width=500, seed=0):
   return out
 
 
-def _seed(index):
-  return tf.random.experimental.stateless_fold_in(tf.constant([0, 0], tf.int64), index)
+_KEY = tf.constant([0, 0], tf.int64)
+
+
+def _seed(index):  # as train_example_fn: stateless_fold_in(key, index)
+  return tf.random.experimental.stateless_fold_in(_KEY, tf.cast(index, tf.int64))
 
 
 def ours_fn(image_size, augment):
+  """train_dataset's per-image function, as it reads TFDS ImageNet (declared JPEG)."""
   cfg = config_lib.data_config()
-
-  def prepare(index, image):
-    return preprocessing.preprocess_for_train(
-        image, _seed(index), image_size=image_size, train_crop=cfg.train_crop,
-        random_flip=cfg.random_flip, augment=augment, normalization=cfg.normalization,
-        resize_method=cfg.resize_method, augment_semantics=cfg.augment_semantics)
-  return prepare
+  cfg.update(image_size=image_size, augment=augment)
+  prepare = input_pipeline.train_example_fn(cfg, _KEY, all_jpeg=True)
+  return lambda index, image: prepare(index, {'image': image, 'label': 0, 'tfds_id': ''})
 
 
 def reference_fn(image_size, augment):
-  return lambda index, image: reference.preprocess_train(image, image_size, augment != 'none')
+  """The reference's dataset_parser minus record parsing: (preprocessed image, int32 label)."""
+  return lambda index, image: {
+      'image': reference.preprocess_train(image, image_size, augment != 'none'),
+      'label': tf.constant(0, tf.int32)}
 
 
-def reference_normalized_fn(image_size, augment):
-  """The reference followed by our host normalisation: the same output tensor as ours."""
-  return lambda index, image: preprocessing.normalize(
-      reference.preprocess_train(image, image_size, augment != 'none'))
-
-
-def build(jpegs, fn, threads, batch_size):
-  ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
+def build(jpegs, fn, threads, batch_size, first_index=0):
+  # Ours draws its crops from the element number: each round starts elsewhere (`first_index`), so
+  # that ours, like the reference's stateful draws, sees fresh crop sizes each round.
+  ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate(start=first_index)
   ds = ds.map(fn, num_parallel_calls=threads, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
   opts = input_pipeline._options()  # the options train_dataset uses  # pylint: disable=protected-access
@@ -106,16 +106,16 @@ class _OurDraws(reference.Draws):
 
 def check_identical(jpegs, image_size):
   """Raises AssertionError unless ours == the reference where the semantics are the same."""
-  norm = preprocessing.normalize  # ours normalises on the host, the reference did not
   crops = []
   for i, jpeg in enumerate(jpegs):
     jpeg = tf.constant(jpeg)
     ours = preprocessing.preprocess_for_eval(jpeg, image_size=image_size)
-    ref = norm(reference.preprocess_eval(jpeg, image_size))
+    ref = reference.preprocess_eval(jpeg, image_size)
     np.testing.assert_array_equal(ours.numpy(), ref.numpy(), err_msg=f'eval, image {i}')
-    ours = ours_fn(image_size, 'none')(tf.constant(i, tf.int64), jpeg)
+    ours = ours_fn(image_size, 'none')(tf.constant(i, tf.int64), jpeg)  # the flip: on the device
+    ours = ours['image'].numpy()[:, ::-1] if ours['flip'] else ours['image'].numpy()
     ref = reference.preprocess_train(jpeg, image_size, draws=_OurDraws(tf.constant(i, tf.int64)))
-    np.testing.assert_array_equal(ours.numpy(), norm(ref).numpy(), err_msg=f'train, image {i}')
+    np.testing.assert_array_equal(ours, ref.numpy(), err_msg=f'train, image {i}')
     crops.append(tf.cast(tf.clip_by_value(ref, 0.0, 255.0), tf.uint8))
   ops = 0
   for sub in autoaugment.POLICY_V0:
@@ -154,14 +154,15 @@ def main():
         f'in {time.perf_counter() - t0:.1f}s', flush=True)
   if not args.skip_check:
     print('identical outputs:', check_identical(jpegs, args.image_size), flush=True)
-  impls = {'reference': reference_fn, 'reference_normalized': reference_normalized_fn, 'ours': ours_fn}
+  impls = {'reference': reference_fn, 'ours': ours_fn}
   results = []
   for augment in args.augment.split(','):
     runs = {name: [] for name in impls}
     for r in range(args.rounds):
       order = list(impls) if r % 2 == 0 else list(reversed(impls))
       for name in order:
-        ds = build(jpegs, impls[name](args.image_size, augment), args.threads, args.batch_size)
+        ds = build(jpegs, impls[name](args.image_size, augment), args.threads, args.batch_size,
+                   first_index=r * 10**6)
         wall, per_cpu = measure(ds, args.seconds, args.batch_size)
         runs[name].append((wall, per_cpu))
         print(f'{augment:12s} round {r} {name:20s} {wall:7.1f} img/s  {per_cpu:7.1f} img/CPU-s  '
@@ -172,14 +173,12 @@ def main():
     for name, values in runs.items():
       row[f'{name}_images_per_s'] = round(statistics.median(v[0] for v in values), 1)
       row[f'{name}_images_per_cpu_s'] = round(statistics.median(v[1] for v in values), 1)
-    for peer in ('reference', 'reference_normalized'):
-      row[f'ours_over_{peer}_wall'] = round(row['ours_images_per_s'] /
-                                            row[f'{peer}_images_per_s'], 3)
-      row[f'ours_over_{peer}_cpu'] = round(row['ours_images_per_cpu_s'] /
-                                           row[f'{peer}_images_per_cpu_s'], 3)
-      # Paired per round (a round's runs are back to back): robust to slow drifts of the load.
-      row[f'ours_over_{peer}_cpu_paired'] = round(statistics.median(
-          o[1] / r[1] for o, r in zip(runs['ours'], runs[peer])), 3)
+    row['ours_over_reference_wall'] = round(row['ours_images_per_s'] / row['reference_images_per_s'], 3)
+    row['ours_over_reference_cpu'] = round(row['ours_images_per_cpu_s'] /
+                                           row['reference_images_per_cpu_s'], 3)
+    # Paired per round (a round's runs are back to back): robust to slow drifts of the load.
+    row['ours_over_reference_cpu_paired'] = round(statistics.median(
+        o[1] / r[1] for o, r in zip(runs['ours'], runs['reference'])), 3)
     results.append(row)
   for row in results:
     print(json.dumps(row))

@@ -95,11 +95,10 @@ def test_train_shapes_range_determinism(fake_imagenet):
     again = take(ip.train_dataset(c, per_process_batch_size=4, seed=0), 3)
     other = take(ip.train_dataset(c, per_process_batch_size=4, seed=1), 3)
     assert ip.num_examples(c, 'train') == N_TRAIN and ip.num_classes(c) == 1000
-  for b in batches:
-    assert b['image'].shape == (4, S, S, 3) and b['image'].dtype == np.float32
+  for b in batches:  # pixels; AutoAugment's integer outputs stay uint8 until the device
+    assert b['image'].shape == (4, S, S, 3) and b['image'].dtype == np.uint8
     assert b['label'].shape == (4,) and b['label'].dtype == np.int32
-    assert b['image'].min() >= -1.0 and b['image'].max() <= 1.0
-    assert b['image'].min() < -0.5 and b['image'].max() > 0.5  # really spans the range
+    assert b['image'].min() < 64 and b['image'].max() > 192  # really spans the range
   assert_batches_equal(batches, again)
   assert not all(np.array_equal(x['image'], y['image']) for x, y in zip(batches, other))
 
@@ -159,9 +158,9 @@ def test_eval_is_deterministic_unclipped_and_equals_reference_ops(fake_imagenet)
     # decode_and_crop_jpeg, as the reference: its edge pixels differ from decoding all, then cropping.
     crop = tf.image.decode_and_crop_jpeg(jpeg, [(h - side + 1) // 2, (w - side + 1) // 2, side, side],
                                          channels=3)
-    expected = tf.compat.v1.image.resize_bicubic(crop[None], [S, S])[0].numpy() * (2 / 255) - 1
-    np.testing.assert_allclose(image, expected, atol=1e-6)
-  assert images.min() < -1.0 and images.max() > 1.0  # bicubic overshoot reaches the model
+    expected = tf.compat.v1.image.resize_bicubic(crop[None], [S, S])[0].numpy()
+    np.testing.assert_array_equal(image, expected)
+  assert images.min() < 0.0 and images.max() > 255.0  # bicubic overshoot reaches the model
 
 
 # Crop fractions of the released checkpoints (timm crop_pct), B0..B8.
@@ -234,15 +233,15 @@ def test_tf1_bicubic_resize_matches_reference_values(pixels, size, expected):
 def test_random_flip_and_resize_mode():
   image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   png = tf.io.encode_png(image)
-  expected = image.astype(np.float32) * (2 / 255) - 1  # 8 -> 8 resize is exact
+  expected = image.astype(np.float32)  # 8 -> 8 resize is exact
   # augment='none' flips the float image; with augmentation the uint8 image is flipped (before the
   # policy, replaced here by the identity), which must be the same.
   no_policy = lambda image, seed, semantics: image
   for augment in ('none', 'autoaugment'):
     with mock.patch.object(autoaugment, 'distort_image_with_autoaugment', no_policy):
       outs = [preprocessing.preprocess_for_train(
-          png, tf.constant([0, i], tf.int64), image_size=8, train_crop='resize', augment=augment,
-          normalization='minus_one_one').numpy() for i in range(8)]
+          png, tf.constant([0, i], tf.int64), image_size=8, train_crop='resize',
+          augment=augment).numpy() for i in range(8)]
     flipped = [np.allclose(o, expected[:, ::-1], atol=1e-5) for o in outs]
     kept = [np.allclose(o, expected, atol=1e-5) for o in outs]
     assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept), augment
@@ -255,13 +254,13 @@ def test_train_resize_path_is_the_reference_and_unclipped():
   out = preprocessing.preprocess_for_train(
       tf.io.encode_png(image), tf.constant([0, 0], tf.int64), image_size=24, train_crop='resize',
       random_flip=False, augment='none').numpy()
-  expected = tf.compat.v1.image.resize_bicubic(image[None], [24, 24])[0].numpy() * (2 / 255) - 1
-  np.testing.assert_allclose(out, expected, atol=1e-6)
-  assert out.min() < -1.0 and out.max() > 1.0
+  expected = tf.compat.v1.image.resize_bicubic(image[None], [24, 24])[0].numpy()
+  np.testing.assert_array_equal(out, expected)
+  assert out.min() < 0.0 and out.max() > 255.0
   clipped = preprocessing.preprocess_for_train(
       tf.io.encode_png(image), tf.constant([0, 0], tf.int64), image_size=24, train_crop='resize',
       random_flip=False, augment='autoaugment').numpy()
-  assert clipped.min() >= -1.0 and clipped.max() <= 1.0  # uint8 before AutoAugment
+  assert clipped.dtype == np.uint8  # clipped and truncated before AutoAugment, as the reference
 
 
 @pytest.mark.parametrize('channels', [1, 3])
@@ -281,7 +280,7 @@ def test_failed_crop_fallback_as_the_reference(channels):
     window = [(10 - side + 1) // 2, (200 - side + 1) // 2, side, side]
   decoded = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3).numpy()
   expected = tf.compat.v1.image.resize_bicubic(decoded[None], [size, size])[0].numpy()
-  np.testing.assert_allclose(out, expected * (2 / 255) - 1, atol=1e-6)
+  np.testing.assert_array_equal(out, expected)
 
 
 def _timm_eval_with_pil(image, size, crop_pct):
@@ -303,8 +302,7 @@ def test_timm_eval_matches_pillow(shape, size, crop_pct):
   out = preprocessing.preprocess_for_eval(
       tf.io.encode_png(image), image_size=size, crop_fraction=crop_pct,
       eval_preprocessing='timm').numpy()
-  np.testing.assert_array_equal(np.round((out + 1) * 127.5).astype(np.uint8),
-                                _timm_eval_with_pil(image, size, crop_pct))
+  np.testing.assert_array_equal(out, _timm_eval_with_pil(image, size, crop_pct))
 
 
 def test_bad_preprocessing_choices_are_refused_by_name():
@@ -364,20 +362,20 @@ def test_digits_builds_offline_through_the_pipeline(digits_config):
 
 def test_demo_inputs_are_the_stored_pixels(digits_config):
   # configs/demo.py: 32 px digits, crop_fraction 1.0, train_crop 'resize', no flip or augmentation.
-  # TF1 bicubic 32 -> 32 samples exactly on the pixels (weights 0, 1, 0, 0), so the demo's model
-  # inputs are its PNG pixels x 2/255 - 1, as they were with TF2's kernel before issue #17.
+  # TF1 bicubic 32 -> 32 samples exactly on the pixels (weights 0, 1, 0, 0), so the demo's inputs
+  # are its PNG pixels (the model's: x 2/255 - 1, on the device), as with TF2's kernel before #17.
   c = digits_config.copy_and_resolve_references()
   c.update(crop_fraction=1.0, random_flip=False)
   builder = tfds.builder('sklearn_digits', data_dir=c.data_dir)
   raw = np.stack([ex['image'] for ex in builder.as_dataset(
       split='test', shuffle_files=False).take(8).as_numpy_iterator()]).astype(np.float32)
-  expected = raw * np.float32(2 / 255) - 1
+  expected = raw
   evals = take(ip.eval_dataset(c, per_process_batch_size=8), 1)[0]
-  np.testing.assert_allclose(evals['image'], expected, atol=1e-7)
+  np.testing.assert_array_equal(evals['image'], expected)
   train = preprocessing.preprocess_for_train(
       tf.constant(raw[0].astype(np.uint8)), tf.constant([0, 0], tf.int64), image_size=32,
       train_crop=c.train_crop, random_flip=c.random_flip, augment=c.augment).numpy()
-  np.testing.assert_allclose(train, expected[0], atol=1e-7)
+  np.testing.assert_array_equal(train, expected[0])
 
 
 def test_global_batches_sharded_over_8_devices(digits_config):
@@ -386,13 +384,20 @@ def test_global_batches_sharded_over_8_devices(digits_config):
   sharding = NamedSharding(Mesh(np.array(devices), ('data',)), P('data'))
   ds = ip.eval_dataset(digits_config, per_process_batch_size=16)
   local = take(ds, 3)
-  glob = list(ip.global_batches(ds.take(3), sharding, prefetch=2))
+  glob = list(ip.global_batches(ds.take(3), sharding, 'minus_one_one', prefetch=2))
   assert len(glob) == 3
   for g, l in zip(glob, local):
     assert g['image'].shape == (16, 32, 32, 3) and g['mask'].shape == (16,)
     assert g['image'].sharding == sharding and len(g['image'].addressable_shards) == 8
     assert g['image'].addressable_shards[0].data.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(np.asarray(g['label']), l['label'])
+    # Normalised on the device: pixels x 2/255 - 1 (to float32 rounding).
+    np.testing.assert_allclose(np.asarray(g['image']), l['image'] * np.float32(2 / 255) - 1,
+                               rtol=0, atol=2e-7)
+  imagenet = next(ip.global_batches(ds.take(1), sharding, 'imagenet'))['image']
+  mean, std = (np.float32(0.485 * 255), np.float32(0.229 * 255))
+  np.testing.assert_allclose(np.asarray(imagenet)[..., 0], (local[0]['image'][..., 0] - mean) / std,
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_bad_inputs_give_clear_errors(fake_imagenet, tmp_path, digits_config):

@@ -17,8 +17,8 @@ from advprop_jax.data import preprocessing
 def corrupted_eval_dataset(data_config, *, corruption: str, severity: int, seed: int,
                            per_process_batch_size: int, split: Optional[str] = None,
                            max_examples: Optional[int] = None) -> tf.data.Dataset:
-  """The eval split with `corruption` applied on the fly: eval crop + resize -> uint8 -> corrupt ->
-  normalise (ImageNet-C corrupts the 224 center crop). Same padded/masked batches as eval_dataset."""
+  """The eval split with `corruption` applied on the fly: eval crop + resize -> uint8 -> corrupt
+  (ImageNet-C corrupts the 224 center crop). Same padded/masked batches of pixels as eval_dataset."""
   split = split or data_config.eval_split
   if max_examples:
     split = f'{split}[:{int(max_examples)}]'
@@ -34,8 +34,7 @@ def corrupted_eval_dataset(data_config, *, corruption: str, severity: int, seed:
     image = tf.cast(tf.round(preprocessing.resize(image, size, data_config.resize_method)), tf.uint8)
     image = corruptions.corrupt(image, corruption, severity,
                                 corruptions.corruption_seed(seed, corruption, severity, index + offset))
-    image = preprocessing.normalize(tf.cast(image, tf.float32), data_config.normalization)
-    return {'image': tf.ensure_shape(image, [size, size, 3]),
+    return {'image': tf.ensure_shape(tf.cast(image, tf.float32), [size, size, 3]),
             'label': tf.cast(ex['label'], tf.int32), 'mask': tf.constant(1.0)}
 
   ds = builder.as_dataset(split=shard, shuffle_files=False,
@@ -85,8 +84,7 @@ def folder_eval_dataset(directory: str, data_config, *, num_classes: int,
   def prepare(path, label):
     image = preprocessing.preprocess_for_eval(
         tf.io.read_file(path), image_size=size, crop_fraction=data_config.crop_fraction,
-        normalization=data_config.normalization, resize_method=data_config.resize_method,
-        eval_preprocessing=data_config.eval_preprocessing)
+        resize_method=data_config.resize_method, eval_preprocessing=data_config.eval_preprocessing)
     return {'image': image, 'label': label, 'mask': tf.constant(1.0)}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -10,6 +10,8 @@ is augmented identically whether or not the run was interrupted.
 
 Eval: every process reads its even share, appends fully-masked padding and yields the same number of
 batches (ceil(ceil(N / processes) / batch)), so SPMD steps line up and each example counts once.
+
+Both yield pixels (0..255); global_batches normalises them on the device (data/normalization.py).
 """
 import collections
 import fcntl
@@ -25,14 +27,13 @@ import tensorflow_datasets as tfds
 
 from advprop_jax.data import choices
 from advprop_jax.data import digits  # noqa: F401  (registers the sklearn_digits TFDS builder)
+from advprop_jax.data import normalization as normalization_lib
 from advprop_jax.data import preprocessing
 
 DIGITS = 'sklearn_digits'
 # Decoded images are cached in host RAM only when a process' shard is at most this big: caching
 # ImageNet exhausts host RAM (a known pain point), a 50k CIFAR-sized set does not.
 MAX_CACHED_EXAMPLES = 100_000
-# Signatures of the formats tf.io.decode_image reads; anything else is reported by record id.
-_IMAGE_MAGIC = (b'\xff\xd8\xff', b'\x89PNG', b'GIF8', b'BM', b'RIFF')
 
 
 def check_choices(data_config) -> None:
@@ -133,30 +134,24 @@ def _options() -> tf.data.Options:
   return opts
 
 
-def _checked(image, record_id):
-  """Fails with the record id when `image` is not in a format decode_image reads."""
-  if image.dtype != tf.string:
-    return image
-  ok = tf.reduce_any(tf.stack(
-      [tf.equal(tf.strings.substr(image, 0, len(m)), m) for m in _IMAGE_MAGIC]))
-  check = tf.debugging.Assert(ok, ['Undecodable image in record', record_id])
-  with tf.control_dependencies([check]):
-    return tf.identity(image)
-
-
 def _records(builder, split, config, num_records):
-  """{'image': bytes (or decoded uint8 when cached), 'label': int32, 'id': record id}."""
+  """TFDS records {'image': bytes (or decoded uint8 when cached), 'label', 'tfds_id'}. Bytes that are no
+  image fail naming the id when decoded (preprocessing.decode_and_crop). No map of its own: a tf.data
+  stage costs microseconds per element, as much as the scalar work of a crop window."""
   read_config = tfds.ReadConfig(add_tfds_id=True, skip_prefetch=True, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
                           decoders={'image': tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {'image': _checked(ex['image'], ex['tfds_id']),
-                          'label': tf.cast(ex['label'], tf.int32), 'id': ex['tfds_id']},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if _use_cache(config, num_records):
-    ds = ds.map(lambda ex: {**ex, 'image': preprocessing.decode_full(ex['image'])},
+    ds = ds.map(lambda ex: {**ex, 'image': preprocessing.decode_full(ex['image'], ex['tfds_id'])},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.cache()
   return ds
+
+
+def declares_jpeg(builder) -> bool:
+  """Whether the dataset's images are stored as JPEG (TFDS imagenet2012 re-encodes its PNG and CMYK
+  files to JPEG when it is prepared); then the pipeline decodes without a per-image format branch."""
+  return getattr(builder.info.features['image'], 'encoding_format', None) == 'jpeg'
 
 
 def _use_cache(config, num_records):
@@ -173,7 +168,8 @@ def _use_cache(config, num_records):
 def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_step: int = 0,
                   process_index: int | None = None,
                   process_count: int | None = None) -> tf.data.Dataset:
-  """Infinite batches {'image': float32 [b,S,S,3], 'label': int32 [b]} of this process' shard.
+  """Infinite batches {'image': [b,S,S,3] pixels (uint8 when data.augment is set, else float32),
+  'label': int32 [b]} of this process' shard.
 
   With start_step=k it yields exactly what a fresh iterator yields from its batch k on (unless
   skip_decode_errors dropped records, which shifts later batches).
@@ -200,29 +196,44 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
         [], seed=tf.random.experimental.stateless_fold_in(shuffle_key, e), minval=None,
         maxval=None, dtype=tf.int64)
     ds = records.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
-    return ds.enumerate().map(lambda i, ex: (e * n + i, ex))
+    return ds.enumerate(start=e * n)
 
   first = start_step * per_process_batch_size
   start_epoch, offset = divmod(first, n)
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
   ds = ds.skip(offset)  # before decoding: only encoded records pass through
 
-  def prepare(index, ex):
-    element_seed = tf.random.experimental.stateless_fold_in(augment_key, index)
-    image = preprocessing.preprocess_for_train(
-        ex['image'], element_seed, image_size=data_config.image_size,
-        train_crop=data_config.train_crop, random_flip=data_config.random_flip,
-        augment=data_config.augment, randaugment_layers=data_config.randaugment_layers,
-        randaugment_magnitude=data_config.randaugment_magnitude,
-        normalization=data_config.normalization, resize_method=data_config.resize_method,
-        crop_fraction=data_config.crop_fraction, augment_semantics=data_config.augment_semantics)
-    return {'image': image, 'label': ex['label']}
-
+  prepare = train_example_fn(data_config, augment_key, declares_jpeg(builder))
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if data_config.skip_decode_errors:
     ds = ds.ignore_errors(log_warning=True)  # each skipped record is logged with its error
   ds = ds.batch(per_process_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def train_example_fn(data_config, augment_key, all_jpeg: bool):
+  """(element number, TFDS record) -> {'image': pixels, 'label': int32[, 'flip': bool]}: the per-image
+  work of train_dataset (benchmarks/input_pipeline.py times it). Randomness: seed (hash(augment_key),
+  element number), i.e. stateless_fold_in(augment_key, number) with the key's hash taken once here.
+  Without augmentation the random flip is the last step and is left to the device ('flip')."""
+  augment_hash = tf.random.stateless_uniform([], seed=augment_key, minval=None, maxval=None,
+                                             dtype=tf.int64)
+  defer_flip = bool(data_config.random_flip) and data_config.augment == 'none'
+
+  def prepare(index, ex):
+    out = preprocessing.preprocess_for_train(
+        ex['image'], tf.stack([augment_hash, index]), image_size=data_config.image_size,
+        train_crop=data_config.train_crop, random_flip=data_config.random_flip,
+        augment=data_config.augment, randaugment_layers=data_config.randaugment_layers,
+        randaugment_magnitude=data_config.randaugment_magnitude,
+        resize_method=data_config.resize_method, crop_fraction=data_config.crop_fraction,
+        augment_semantics=data_config.augment_semantics, record_id=ex['tfds_id'],
+        all_jpeg=all_jpeg, defer_flip=defer_flip)
+    label = tf.cast(ex['label'], tf.int32)
+    if defer_flip:
+      return {'image': out[0], 'label': label, 'flip': out[1]}
+    return {'image': out, 'label': label}
+  return prepare
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -242,11 +253,12 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
   def prepare(ex):
     image = preprocessing.preprocess_for_eval(
         ex['image'], image_size=data_config.image_size, crop_fraction=data_config.crop_fraction,
-        normalization=data_config.normalization, resize_method=data_config.resize_method,
-        eval_preprocessing=data_config.eval_preprocessing)
-    return {'image': image, 'label': ex['label'], 'mask': tf.constant(1.0)}
+        resize_method=data_config.resize_method, eval_preprocessing=data_config.eval_preprocessing,
+        record_id=ex['tfds_id'], all_jpeg=all_jpeg)
+    return {'image': image, 'label': tf.cast(ex['label'], tf.int32), 'mask': tf.constant(1.0)}
 
   ds = _records(builder, shard, data_config, n)
+  all_jpeg = declares_jpeg(builder)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if data_config.skip_decode_errors:
     ds = ds.ignore_errors(log_warning=True)
@@ -270,15 +282,19 @@ def pad_and_batch(ds, total: int, batch_size: int, image_size: int,
 
 
 # ----------------------------------------------------------------------------------- to device
-def global_batches(dataset, sharding: jax.sharding.Sharding, prefetch: int = 2) -> Iterator[dict]:
-  """Per-process numpy batches -> global jax.Arrays, keeping `prefetch` batches in flight.
+def global_batches(dataset, sharding: jax.sharding.Sharding, normalization: str,
+                   prefetch: int = 2) -> Iterator[dict]:
+  """Per-process numpy batches of pixels -> global jax.Arrays of model inputs ('image' normalised on the
+  device by `normalization`), keeping `prefetch` batches in flight.
 
   make_array_from_process_local_data starts the host->device copies asynchronously, so holding a
   few converted batches overlaps the transfer of batch t+1 with step t.
   """
   def to_global(batch):
-    return jax.tree.map(
+    batch = jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    flip = batch.pop('flip', None)  # a train flip left to the device (train_dataset)
+    return dict(batch, image=normalization_lib.normalize(batch['image'], normalization, flip))
 
   queue = collections.deque()
   for batch in dataset.as_numpy_iterator():

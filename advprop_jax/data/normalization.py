@@ -2,7 +2,15 @@
 
 'minus_one_one' is AdvProp's convention (x = p * 2/255 - 1); 'imagenet' the torchvision/timm mean/std one
 (x = (p - mean) / std per channel), used by the ResNet recipe and timm ResNet weights.
+
+The input pipeline yields pixels; `normalize` turns them into model inputs on the device, as the TF
+reference did in its model_fn (data/input_pipeline.global_batches): the host does not spend two passes
+over every image on it, and augmented (integer-valued) batches travel as uint8, a quarter of the bytes.
 """
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NORMALIZATIONS = ('minus_one_one', 'imagenet')
@@ -41,3 +49,17 @@ def mean_std_pixels(normalization: str = 'minus_one_one'):
   if normalization == 'minus_one_one':
     return (127.5,) * 3, (127.5,) * 3
   return IMAGENET_MEAN_PIXELS, IMAGENET_STD_PIXELS
+
+
+@functools.partial(jax.jit, static_argnames='normalization')
+def normalize(pixels, normalization: str = 'minus_one_one', flip=None):
+  """Pixels [b, h, w, c] (uint8 or float, 0..255; bicubic overshoot passes through) -> float32 model
+  inputs, (p - mean) / std as the reference main.py writes it. XLA rewrites the division by a constant
+  and may fuse a multiply-add, so results can differ from a host computation by an ulp (2e-7 on
+  [-1, 1]). flip: [b] bool, images to mirror left-right first (a flip the input pipeline deferred)."""
+  _check(normalization)
+  mean, std = (np.asarray(v, np.float32) for v in mean_std_pixels(normalization))
+  x = pixels.astype(jnp.float32)
+  if flip is not None:
+    x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+  return (x - mean) / std

@@ -85,7 +85,8 @@ class Context:
   def run(self, variables, dataset, eval_step=None) -> dict:
     params = variables['params']
     model_state = {k: v for k, v in variables.items() if k != 'params'}
-    return loop.evaluate(eval_step or self.step(), params, model_state, dataset, self.mesh)
+    return loop.evaluate(eval_step or self.step(), params, model_state, dataset, self.mesh,
+                         self.config.data.normalization)
 
   def eval_dataset(self, **kwargs):
     return input_pipeline.eval_dataset(self.config.data, per_process_batch_size=self.batch_size,

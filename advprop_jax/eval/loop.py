@@ -6,10 +6,11 @@ from advprop_jax import parallel
 from advprop_jax.data import input_pipeline
 
 
-def evaluate(eval_step, params, model_state, dataset, mesh) -> dict:
-  """{'top1', 'top5', 'loss' (means over the real examples), 'count'} of `eval_step` over `dataset`."""
+def evaluate(eval_step, params, model_state, dataset, mesh, normalization: str) -> dict:
+  """{'top1', 'top5', 'loss' (means over the real examples), 'count'} of `eval_step` over `dataset`
+  (batches of pixels, normalised on the device by `normalization`)."""
   totals = None
-  for batch in input_pipeline.global_batches(dataset, parallel.batch_sharding(mesh)):
+  for batch in input_pipeline.global_batches(dataset, parallel.batch_sharding(mesh), normalization):
     sums = eval_step(params, model_state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.tree.map(float, totals)
