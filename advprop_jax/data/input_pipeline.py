@@ -169,7 +169,8 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
                   process_index: int | None = None,
                   process_count: int | None = None) -> tf.data.Dataset:
   """Infinite batches {'image': [b,S,S,3] pixels (uint8 when data.augment is set, else float32),
-  'label': int32 [b]} of this process' shard.
+  'label': int32 [b], and 'flip': bool [b] when the random flip is left to the device (no augmentation,
+  see train_example_fn; global_batches applies it)} of this process' shard.
 
   With start_step=k it yields exactly what a fresh iterator yields from its batch k on (unless
   skip_decode_errors dropped records, which shifts later batches).
