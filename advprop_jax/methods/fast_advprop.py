@@ -232,11 +232,18 @@ def validate(config, num_devices: int) -> None:
         f'config.global_batch_size={config.global_batch_size} with config.fast_advprop.adv_fraction='
         f'{fa.adv_fraction} gives a loader batch of {loader}, not divisible by the device count '
         f'{num_devices}')
+  # The split is per micro-batch with gradient accumulation (k validated >= 1 before; a k that does
+  # not divide the shard is reported after this).
+  k = config.get('grad_accumulation_steps', 1)
+  shard = loader // num_devices
+  micro = shard // k if shard % k == 0 else shard
   try:
-    split_sizes(loader // num_devices, fa.adv_fraction)
+    split_sizes(micro, fa.adv_fraction)
   except ValueError as e:
+    accumulation = f', config.grad_accumulation_steps={k}' if micro != shard else ''
     raise validation.ConfigError(f'config.global_batch_size={config.global_batch_size}, '
-                                 f'config.fast_advprop.adv_fraction={fa.adv_fraction}: {e}') from e
+                                 f'config.fast_advprop.adv_fraction={fa.adv_fraction}'
+                                 f'{accumulation}: {e}') from e
 
 
 def make_grad_fn(model, config):
