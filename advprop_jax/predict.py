@@ -9,8 +9,9 @@
 other weight files get the model's native resolution and crop (models.default_image_size,
 default_crop_fraction) and normalization 'minus_one_one' (EfficientNet, AdvProp weights) or 'imagenet'
 (ResNet). --image_size, --crop_fraction and --normalization override them; the first output line says what
-was used. 16-bit images (PIL modes I;16 and I) are scaled to 0..255. 1000-class models print ImageNet names
-(advprop_jax/imagenet_classes.txt, shipped with the package); others print class indices.
+was used. 16-bit images (PIL modes I;16 and I) are scaled to 0..255. Class names: those an export
+records (runs on an image folder), else ImageNet's for 1000-class models
+(advprop_jax/imagenet_classes.txt, shipped with the package); otherwise class indices only.
 Exit status 2 when a flag, the checkpoint or an image is unusable: one stderr line each, naming it; the
 other images are still classified.
 """
@@ -41,6 +42,14 @@ def imagenet_class_names() -> List[str]:
     names = [line.rstrip('\n') for line in f]
   assert len(names) == 1000, f'{CLASSES_FILE} has {len(names)} lines'
   return names
+
+
+def class_names(config) -> Optional[List[str]]:
+  """Names printed beside the class indices: recorded ones, ImageNet's for 1000 classes, or None."""
+  recorded = config.get(export.CLASS_NAMES_KEY)
+  if recorded and len(recorded) == int(config['num_classes']):
+    return [str(name) for name in recorded]
+  return imagenet_class_names() if int(config['num_classes']) == 1000 else None
 
 
 def default_normalization(model: str) -> str:
@@ -106,6 +115,8 @@ def _weight_file_config(path: str, model: Optional[str], model_overrides: Option
   config = dict(model=model, model_overrides=config_lib.without_unset(overrides),
                 image_size=recorded.get('image_size', default_image_size(model)),
                 crop_fraction=recorded.get('crop_fraction', default_crop_fraction(model)))
+  if export.CLASS_NAMES_KEY in recorded:
+    config[export.CLASS_NAMES_KEY] = recorded[export.CLASS_NAMES_KEY]
   if 'pixel_mean' in recorded:
     config.update({k: recorded[k] for k in export.NORMALIZATION_KEYS if k in recorded})
   else:
@@ -244,7 +255,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
         status[0] = 2
     if not good:
       return status[0]
-    names = imagenet_class_names() if config['num_classes'] == 1000 else None
+    names = class_names(config)
     top = classify(config, module, variables, np.stack(inputs), flag_values.top_k, flag_values.batch_size)
     for path, classes in zip(good, top):
       print(path)

@@ -27,6 +27,8 @@ import tensorflow_datasets as tfds
 
 from advprop_jax.data import choices
 from advprop_jax.data import digits  # noqa: F401  (registers the sklearn_digits TFDS builder)
+from advprop_jax.data import image_folder
+from advprop_jax.data import image_folder_tfds
 from advprop_jax.data import normalization as normalization_lib
 from advprop_jax.data import preprocessing
 
@@ -49,11 +51,13 @@ def check_choices(data_config) -> None:
 def prepared_builder(config) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder for config.dataset, or a clear error saying what is missing."""
   name = config.dataset
+  if name == image_folder.NAME:  # a user's tree: checked, then prepared once into a cache
+    return image_folder_tfds.prepared_builder(config)
   try:
     builder = tfds.builder(name, data_dir=config.data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f'Unknown dataset {name!r}: it is neither a registered TFDS dataset nor '
-                     f'{DIGITS!r}.') from e
+                     f'{DIGITS!r} nor {image_folder.NAME!r} (with data_dir=ROOT).') from e
   features = builder.info.features
   keys = set(features.keys()) if hasattr(features, 'keys') else set()
   if not ({'image', 'label'} <= keys and isinstance(features['image'], tfds.features.Image)
@@ -105,6 +109,15 @@ def num_examples(data_config, split: str) -> int:
 
 def num_classes(data_config) -> int:
   return prepared_builder(data_config).info.features['label'].num_classes
+
+
+def class_names(data_config):
+  """The class names a run records (workdir, exports, predict): an image folder's sorted class
+  folders; None for other datasets (TFDS ImageNet's names are WordNet ids; predict has readable
+  ones)."""
+  if data_config.dataset != image_folder.NAME:
+    return None
+  return list(prepared_builder(data_config).info.features['label'].names)
 
 
 def _process(process_index, process_count):

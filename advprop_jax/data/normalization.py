@@ -17,6 +17,7 @@ NORMALIZATIONS = ('minus_one_one', 'imagenet')
 # Per-channel ImageNet mean/std in pixels (0..255), for normalization='imagenet'.
 IMAGENET_MEAN_PIXELS = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_PIXELS = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+DEFAULT_INPUT_RANGE = (-1.0, 1.0)  # what exports older than per-channel statistics mean
 
 
 def _check(normalization: str):
@@ -63,3 +64,26 @@ def normalize(pixels, normalization: str = 'minus_one_one', flip=None):
   if flip is not None:
     x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
   return (x - mean) / std
+
+
+# What an export records of the normalisation (export.py's config.json, timm metadata; predict).
+def normalization_config(normalization: str) -> dict:
+  """normalization, pixel_mean, pixel_std (per channel, pixels) and input_range (images of pixels 0,
+  255). ValueError for an unknown name."""
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'normalization={normalization!r}; allowed: {", ".join(NORMALIZATIONS)}')
+  mean, std = mean_std_pixels(normalization)
+  low, high = input_range(normalization)
+  as_list = lambda v: [float(x) for x in np.ravel(v)] if np.ndim(v) else float(v)
+  return dict(normalization=normalization, pixel_mean=[float(m) for m in mean],
+              pixel_std=[float(s) for s in std], input_range=[as_list(low), as_list(high)])
+
+
+def pixel_stats(config: dict):
+  """Per-channel (mean, std) in pixels of a recorded config; exports older than per-channel support
+  give a scalar input_range."""
+  if 'pixel_mean' in config and 'pixel_std' in config:
+    return np.asarray(config['pixel_mean'], np.float32), np.asarray(config['pixel_std'], np.float32)
+  low, high = (float(v) for v in config.get('input_range', DEFAULT_INPUT_RANGE))
+  std = 255.0 / (high - low)
+  return np.full(3, -low * std, np.float32), np.full(3, std, np.float32)
