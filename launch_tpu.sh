@@ -356,7 +356,9 @@ cmd_train() {
   remote+="echo \"\$(hostname) commit=\$(cat .advprop_commit 2>/dev/null) log=~/$log\" && "
   remote+="nohup $trainer > ~/$log 2>&1 < /dev/null &"
   remote_ssh all "$remote"
-  echo "started on all workers; log: ~/$log (follow: $0 logs --name=$NAME --zone=$ZONE --follow)" >&2
+  local started="started on all workers"
+  [[ "$DRY_RUN" == 1 ]] && started="dry run: would start on all workers"  # nothing was started
+  echo "$started; log: ~/$log (follow: $0 logs --name=$NAME --zone=$ZONE --follow)" >&2
 }
 
 cmd_status() {

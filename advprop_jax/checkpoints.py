@@ -18,13 +18,17 @@ A newest checkpoint that cannot be read (truncated or corrupted files) is rename
 `<step>.unreadable-<time>` with a warning naming the step and the reason (kept for inspection, no longer
 listed), and the next older one is restored: a damaged save costs the steps since the previous one.
 
-Preemption: orbax's preemption sync point (jax.distributed's preemption service, which itself listens
-to SIGTERM on multi-host jobs) and, in single-process jobs, our own SIGTERM and SIGINT (Ctrl-C) handlers
-that only set a flag. Either makes the next `should_save(step)` True; the loop then saves and exits. A
-second Ctrl-C stops at once (KeyboardInterrupt).
+Preemption: SIGTERM, SIGINT (Ctrl-C) and SIGHUP (terminal closed; left ignored under nohup) make
+the next `should_save(step)` True; the loop then saves and exits. Single-process jobs: our handlers
+only set a flag. Multi-host jobs must agree on the step (a signal may reach one process, or each at
+another step): jax.distributed's preemption service does that (orbax's preemption sync point,
+checked every step at no cost until a notice arrives); it listens to SIGTERM only, so our SIGINT and
+SIGHUP handlers raise SIGTERM in their own process. A second Ctrl-C stops at once
+(KeyboardInterrupt).
 
-A save that fails (disk full, lost permission) raises CheckpointWriteError with one line naming the step,
-the directory and the reason; the checkpoints already complete stay as they are.
+A save that fails (disk full, lost permission) raises CheckpointWriteError with one line naming the
+step whose save failed (an async save fails at the next save or wait), the directory, the reason and
+the newest complete checkpoint; the failed step's partial directory is removed, complete ones stay.
 """
 import atexit
 import contextlib
@@ -41,6 +45,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from advprop_jax import cli
 
 _STATE, _EXTRA, _FINGERPRINT = 'state', 'extra', 'fingerprint'
 _ITEMS = (_STATE, _EXTRA, _FINGERPRINT)
@@ -117,14 +123,16 @@ class Checkpointer:
     self.allow_schedule_change = allow_schedule_change
     self._manager = _manager(self.directory, keep=keep, async_save=async_save)
     self._sigterm = False
+    self._stop_signal = None  # name of the signal that asked this process to stop
     self._orbax_preempted = False
     self._cleaned_tmp = False
+    self._in_flight = None  # the step of the save started last (async: maybe still being written)
     self._closed = False
     self._previous_handlers = {}
-    # Multi-host: jax's preemption service owns SIGTERM (it syncs the save step across hosts);
-    # replacing its handler would make hosts disagree on when to save.
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+    if threading.current_thread() is threading.main_thread():
+      for sig in _stop_signals():
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+          continue  # started under nohup: a closed terminal must not stop the run
         self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
     # A save still in flight at a normal exit must complete. atexit is too late: by then
     # concurrent.futures refuses new work and orbax's async save fails (leaving only a tmp dir), so hook
@@ -133,7 +141,11 @@ class Checkpointer:
     register(self._close_at_exit)
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
-    self._sigterm = True  # only a flag: the training loop saves at the next step and exits
+    self._stop_signal = signal.Signals(signum).name
+    if jax.process_count() > 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption service: it agrees on the step
+    else:
+      self._sigterm = True  # only a flag: the training loop saves at the next step and exits
     if signum == signal.SIGINT:
       logging.warning('Interrupted: saving a checkpoint after this step, then exiting (Ctrl-C again '
                       'to stop at once, losing the steps since the last checkpoint).')
@@ -148,6 +160,11 @@ class Checkpointer:
   def preempted(self) -> bool:
     return self._sigterm or self._orbax_preempted
 
+  @property
+  def stop_reason(self) -> str:
+    """What asked for the stop, for the log line: 'SIGHUP', ..., or 'a preemption notice'."""
+    return self._stop_signal or 'a preemption notice'
+
   def should_save(self, step: int) -> bool:
     """True every `every_steps` steps and once preemption was requested. Call it every step."""
     if self._manager.reached_preemption(step):
@@ -159,14 +176,15 @@ class Checkpointer:
     step = int(step)
     if not (force or self.should_save(step)):
       return False
+    self.wait()  # orbax would wait here too; a failure of the save in flight names that one's step
     if step in self._manager.all_steps():
-      self._manager.wait_until_finished()
       if step in _complete_steps(self._manager):
         return False  # e.g. the preemption save falls on a step already saved
       self._manager.delete(step)  # an incomplete directory in the way of this save
     if not self._cleaned_tmp:
       self._cleanup_stale_tmp()
-    with self._write_errors(f'checkpoint step {step}'):
+    self._in_flight = step
+    with self._write_errors():
       return self._manager.save(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardSave(state),
           _EXTRA: ocp.args.JsonSave(_jsonable(extra)),
@@ -174,26 +192,45 @@ class Checkpointer:
       }), force=True)
 
   @contextlib.contextmanager
-  def _write_errors(self, what: str):
-    """Turns a failing save (here or, for async saves, when it is next waited on) into one error."""
+  def _write_errors(self):
+    """Turns a failing save of step self._in_flight (raised here or, for async saves, when it is
+    next waited on) into one error naming that step; its partial directory is removed."""
     try:
       yield
     except (KeyboardInterrupt, CheckpointWriteError):
       raise
     except Exception as e:  # pylint: disable=broad-except  (any failure of the write: one message)
-      done = _complete_steps(self._manager)
-      raise CheckpointWriteError(
-          f'Saving {what} to {self.directory} failed: {type(e).__name__}: {_first_line(e)}. The newest '
-          f'complete checkpoint is {f"step {done[0]}" if done else "none"}; fix the cause (e.g. free disk '
-          'space) and rerun the same command to resume from it.') from None
+      step, self._in_flight = self._in_flight, None
+      self._remove_partial()
+      reason = cli.write_failure_reason(e) or f'{type(e).__name__}: {_first_line(e)}'
+      raise CheckpointWriteError(f'cannot write checkpoint step {step} ({self.directory}): '
+                                 f'{reason}; {self.rerun_hint(reason)}') from None
+
+  def newest_complete(self) -> str:
+    """'step N' of the newest complete checkpoint, or 'none'."""
+    done = _complete_steps(self._manager)
+    return f'step {done[0]}' if done else 'none'
+
+  def rerun_hint(self, reason: str) -> str:
+    """What a rerun after a failed write starts from, and what to do first."""
+    done, advice = self.newest_complete(), cli.write_advice(reason)
+    if done == 'none':
+      return f'no checkpoint is complete yet; {advice} and rerun the same command to start again'
+    return (f'the newest complete checkpoint is {done}; {advice} and rerun the same command to '
+            'resume from it')
 
   def _cleanup_stale_tmp(self):
     """Removes tmp dirs of saves killed mid-write by an earlier run (nothing of ours is in flight)."""
     self._cleaned_tmp = True
+    self._remove_partial(stale=True)
+
+  def _remove_partial(self, stale: bool = False):
+    """Removes the tmp dirs of unfinished saves (stale: an earlier run's; else ours that failed)."""
     if jax.process_index() == 0 and os.path.isdir(self.directory):
       for name in os.listdir(self.directory):
         if _TMP_MARKER in name:
-          logging.info('Removing stale partial checkpoint %s', name)
+          if stale:
+            logging.info('Removing stale partial checkpoint %s', name)
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore_latest(self, abstract_state, mesh):
@@ -235,9 +272,9 @@ class Checkpointer:
     calls this: process 0 renames, the others wait for it)."""
     path = os.path.join(self.directory, str(step))
     aside = f'{path}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
-    logging.warning('Checkpoint step %d in %s cannot be restored (%s: %s); it is kept as %s and the '
-                    'previous checkpoint is tried.', step, self.directory, type(error).__name__,
-                    _first_line(error), os.path.basename(aside))
+    logging.warning('Checkpoint step %d in %s cannot be restored (%s); it is kept as %s and the '
+                    'previous checkpoint is tried.', step, self.directory,
+                    cli.read_failure(error, path), os.path.basename(aside))
     if jax.process_index() == 0:
       os.rename(path, aside)
     if jax.process_count() > 1:
@@ -246,7 +283,7 @@ class Checkpointer:
 
   def wait(self):
     """Blocks until in-flight async saves are committed (CheckpointWriteError if one failed)."""
-    with self._write_errors('the checkpoint in flight'):
+    with self._write_errors():
       self._manager.wait_until_finished()
 
   def close(self):
@@ -255,7 +292,7 @@ class Checkpointer:
       return
     self._closed = True
     try:
-      with self._write_errors('the checkpoint in flight'):
+      with self._write_errors():
         self._manager.close()
     finally:
       for sig, handler in self._previous_handlers.items():
@@ -267,6 +304,15 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _stop_signals():
+  """The signals this process handles. Multi-host: not SIGTERM, which jax's preemption service owns
+  (replacing its handler would make the processes disagree on when to save), and none at all when
+  that service is turned off (raising SIGTERM would then kill the process)."""
+  if jax.process_count() == 1:
+    return (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+  return (signal.SIGINT, signal.SIGHUP) if jax.config.jax_enable_preemption_service else ()
 
 
 def _without_unset_overrides(fingerprint: dict) -> dict:
@@ -311,11 +357,12 @@ def _check_fingerprint(saved: dict, current: dict, where: str, schedule_fields=(
         '--allow_schedule_change to continue this run with the new schedule.')
 
 
-def load_inference_variables(workdir: str, *, ema: bool = True):
+def load_inference_variables(workdir: str, *, ema: bool = True, with_step: bool = False):
   """Newest checkpoint's (EMA) weights as host numpy flax variables, plus its config fingerprint.
 
-  Returns ({'params': ..., 'batch_stats': ..., 'batch_stats_adv': ...}, fingerprint). Needs no mesh
-  and no abstract state: the arrays are restored as np.ndarray whatever sharding they were saved with.
+  Returns ({'params': ..., 'batch_stats': ..., 'batch_stats_adv': ...}, fingerprint), and the step
+  with `with_step`. Needs no mesh and no abstract state: the arrays are restored as np.ndarray
+  whatever sharding they were saved with.
   """
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
@@ -340,4 +387,5 @@ def load_inference_variables(workdir: str, *, ema: bool = True):
     manager.close()
   state = restored[_STATE]
   variables = {'params': state[keys[0]], **state[keys[1]]}
-  return jax.tree.map(np.asarray, variables), dict(restored[_FINGERPRINT] or {})
+  variables, fingerprint = jax.tree.map(np.asarray, variables), dict(restored[_FINGERPRINT] or {})
+  return (variables, fingerprint, step) if with_step else (variables, fingerprint)

@@ -5,8 +5,10 @@
   namespace (tests).
 * A user's mistake (a flag, a config file or field, a path) is ONE line on stderr, `<prog>: error: ...`,
   exit status 2, before anything is written: raise `UserError` (or `fail(...)`). Other stops that are not
-  bugs (training diverged, a checkpoint could not be written) are one line with their own status
-  (`Failure`). Never a traceback for either.
+  bugs (training diverged) are one line with their own status (`Failure`). A write that fails (disk
+  full, quota, read-only file system, no permission) is one line naming what was written where, exit
+  status 3 (`WriteError`, from `writing(...)` / `write_error(...)`); nothing half written is left.
+  Never a traceback for any of them.
 * `run(main, prog, doc, define_flags)` is the `python -m` / console-script entry point: absl's `app.run`
   plus the above, a `--help` that lists the CLI's flags also from a console script, and logs that show
   this package's INFO lines and everyone's warnings, the libraries' INFO only with `--verbose`.
@@ -15,6 +17,7 @@
 """
 import contextlib
 import difflib
+import errno
 import glob
 import importlib.util
 import logging
@@ -40,6 +43,120 @@ class Failure(Exception):
   def __init__(self, message: str, code: int = 1):
     super().__init__(message)
     self.code = code
+
+
+WRITE_FAILED = 3  # exit status of a failed write (README: "Exit status")
+# The OS's words for a failed write (also in the text of errors that are not OSErrors: TensorFlow's
+# ResourceExhaustedError, TensorStore's ValueError through orbax) -> what the user can do about it.
+_ADVICE = {os.strerror(errno.ENOSPC): 'free disk space',
+           os.strerror(errno.EDQUOT): 'free disk space',
+           os.strerror(errno.EROFS): 'choose a writable path',
+           os.strerror(errno.EACCES): 'choose a writable path',
+           os.strerror(errno.EPERM): 'choose a writable path',
+           os.strerror(errno.EFBIG): 'raise the file size limit (ulimit -f)'}
+
+
+# Errors that only a write can cause (unlike permission errors, which a read can meet too).
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+DISK_REASONS = tuple(os.strerror(n) for n in DISK_ERRNOS)
+
+
+def write_advice(reason: str) -> str:
+  return _ADVICE.get(reason, 'fix the cause')
+
+
+class WriteError(Failure):
+  """Writing `what` to `path` failed for `reason` (disk full, no permission...): one line, status 3.
+  `then`: what became of the output and what to do (default: nothing was left behind; rerun)."""
+
+  def __init__(self, what: str, path: str, reason: str, then: str = ''):
+    self.what, self.path, self.reason = what, path, reason
+    then = then or f'nothing was left behind; {write_advice(reason)} and rerun'
+    super().__init__(f'cannot write {what} ({path}): {reason}; {then}', WRITE_FAILED)
+
+
+def write_failure_reason(error: BaseException) -> Optional[str]:
+  """The OS's reason (e.g. 'No space left on device') when `error` is a failed write, else None."""
+  if isinstance(error, OSError) and error.errno:
+    return error.strerror or os.strerror(error.errno)
+  text = str(error)
+  return next((reason for reason in _ADVICE if reason in text), None)
+
+
+def write_error(error: BaseException, what: str, path: str, then: str = '') -> BaseException:
+  """A WriteError for `error` if it is a failed write (see write_failure_reason), else `error`."""
+  reason = write_failure_reason(error)
+  return error if reason is None else WriteError(what, path, reason, then)
+
+
+def check_writable(flag: str, path: str) -> None:
+  """UserError unless `path` is (or can be made as) a writable directory: before the work, not
+  after it."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'{flag}={path}: {existing} is not a writable directory')
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str, then: str = ''):
+  """Inside the block a failed write (OSError, or a library's error that says so) is one WriteError;
+  the caller removes what it half wrote."""
+  try:
+    yield
+  except WriteError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless it is a failed write)
+    error = write_error(e, what, path, then)
+    if error is e:
+      raise
+    raise error from None
+
+
+# TensorStore's status codes (through orbax) in words; its messages add layers of context, its spec.
+_READ_FAILURES = {'OUT_OF_RANGE': 'a file is shorter than recorded (truncated)',
+                  'DATA_LOSS': 'a file is corrupted', 'NOT_FOUND': 'a file is missing',
+                  'PERMISSION_DENIED': 'a file cannot be read (permission denied)'}
+
+
+def read_failure(error: BaseException, base: str) -> str:
+  """Why stored arrays cannot be read, short: TensorStore's status in words and the file (relative
+  to `base`) when it names one; other errors' first line."""
+  text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  code = re.match(r'([A-Z_]+): ', text)
+  if code is None:
+    return text if len(text) <= 160 else text[:157] + '...'
+  files = re.findall(r'local file "([^"]+)"', text)
+  where = f': {os.path.relpath(files[-1], base)}' if files else ''
+  return _READ_FAILURES.get(code[1], code[1].lower().replace('_', ' ')) + where
+
+
+class BackgroundErrors(logging.Filter):
+  """While entered, drops the ERROR logs (each with a traceback, one per thread) of background
+  writers whose failure is raised again in the main thread, where it becomes one line: orbax's async
+  checkpoint saves, clu's async summary writer. Their first lines are kept in `dropped`; if nothing
+  raised them again, the first is logged as one warning at the end."""
+  SOURCES = (f'{os.sep}orbax{os.sep}', f'{os.sep}clu{os.sep}')
+
+  def __init__(self):
+    super().__init__()
+    self.dropped = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and any(s in record.pathname for s in self.SOURCES):
+      self.dropped.append((record.getMessage().strip().splitlines() or [''])[0])
+      return False
+    return True
+
+  def __enter__(self):
+    logging.getLogger('absl').addFilter(self)  # orbax and clu log through absl's logger
+    return self
+
+  def __exit__(self, exc_type, *exc):
+    logging.getLogger('absl').removeFilter(self)
+    if exc_type is None and self.dropped:
+      logging.warning('A background writer reported an error: %s', self.dropped[0])
 
 
 def fail(message: Any, code: int = 2):
@@ -81,7 +198,26 @@ def _guarded(main: Callable, prog: str) -> Callable:
     except Failure as e:
       error(prog, e)
       return e.code
+    except OSError as e:  # a full disk no write site caught, e.g. stdout redirected to a full disk
+      if e.errno not in DISK_ERRNOS:
+        raise
+      what, path = ('the output', 'stdout') if e.filename is None else ('a file', e.filename)
+      reason = e.strerror or os.strerror(e.errno)
+      error(prog, WriteError(what, path, reason,
+                             f'it is incomplete; {write_advice(reason)} and rerun'))
+      _drop_unwritten_stdout()
+      return WRITE_FAILED
   return wrapped
+
+
+def _drop_unwritten_stdout() -> None:
+  """Python's exit would flush the output that did not fit again, and print a second error."""
+  try:
+    sys.stdout.flush()
+  except OSError:
+    pass
+  with contextlib.suppress(OSError, ValueError):
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _define(define: Optional[Callable], flag_values: flags.FlagValues) -> None:

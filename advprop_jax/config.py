@@ -38,8 +38,11 @@ def data_config() -> ml_collections.ConfigDict:
   """ImageNet / EfficientNet-B0 input defaults (data/input_pipeline.py reads them); configs override.
   Fields that select a behaviour by name: their allowed values and meanings are in data/choices.py."""
   c = ml_collections.ConfigDict()
-  c.dataset = 'imagenet2012'  # or any TFDS image-classification name, or 'sklearn_digits'
-  c.data_dir = placeholder(str)  # None: the TFDS default
+  # Or any TFDS image-classification name, 'sklearn_digits', or 'image_folder': a tree of images,
+  # data_dir=ROOT holding ROOT/<split>/<class>/<image> (data/image_folder.py; its configs set
+  # eval_split='test'); num_classes then follows the class folders.
+  c.dataset = 'imagenet2012'
+  c.data_dir = placeholder(str)  # None: the TFDS default; image_folder: ROOT
   c.train_split = 'train'
   c.eval_split = 'validation'
   c.image_size = 224
@@ -115,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0  # decoupled, non-BN variables (SGD recipes)
   c.ema_decay = 0.9999
   c.bn_group_size = 0  # 0: TF rule (per device up to 8 devices), -1: global, k: groups of k
+  # k > 1: each step runs its per-device batch as k micro-batches in sequence and averages their
+  # gradients (one update; same global batch, schedule and data). BN batch statistics are then
+  # per micro-batch: like k-times smaller BN groups (step.accumulate).
+  c.grad_accumulation_steps = 1
 
   c.eval_pgd_epsilons_pixels = ()  # white-box PGD evaluation (main BN) at the end of training
   c.eval_pgd_step_size_pixels = 1.0
@@ -130,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   # The Cloud TPU slice a recipe is sized for (`v4-32`, `v5litepod-16`, ...): the default --topology of
   # `python -m advprop_jax.plan`, which checks by compiling that the step fits it. Training ignores it.
   c.tpu_slice = placeholder(str)
+  # Fine-tuning: a NEW run starts from these weights (a workdir, a Flax export, a timm .safetensors/.pth,
+  # a TF checkpoint directory; advprop_jax/init_from.py). Ignored when the workdir has a checkpoint.
+  c.init_from = placeholder(str)
+  c.init_from_weights = 'ema'  # of a workdir / TF checkpoint source: 'ema' (shadow) or 'raw' weights
   return c
 
 
@@ -163,14 +174,16 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
   for field, allowed in data_choices.CHOICES.items():
     require_choice(config, f'data.{field}', allowed)
   require_choice(config, 'prng_impl', PRNG_IMPLS)
+  require_choice(config, 'init_from_weights', ('ema', 'raw'))
   _validate_model(config)
   for field in ('num_classes', 'global_batch_size', 'eval_batch_size', 'log_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints', 'data.image_size'):
     require_number(config, field, low=1, integer=True)
-  for field in ('num_epochs', 'base_learning_rate', 'eval_every_epochs'):
+  for field in ('num_epochs', 'eval_every_epochs'):
     require_number(config, field, low=0, low_open=True)
-  for field in ('warmup_epochs', 'label_smoothing', 'l2_weight', 'weight_decay', 'clean_weight',
-                'adv_weight'):
+  # LR 0 is allowed: BN recalibration, or checking that init_from loads the weights unchanged.
+  for field in ('base_learning_rate', 'warmup_epochs', 'label_smoothing', 'l2_weight', 'weight_decay',
+                'clean_weight', 'adv_weight'):
     require_number(config, field, low=0)
   require_number(config, 'attack.epsilon_pixels', low=0, high=255)
   require_number(config, 'attack.step_size_pixels', low=0, high=255, low_open=True)
@@ -202,7 +215,17 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
                                not 0 <= config.profile_steps[0] < config.profile_steps[1]):
     raise ConfigError(f'config.profile_steps={config.profile_steps} must be (start, stop) with '
                       '0 <= start < stop')
-  methods.get(config.method).validate(config, num_devices)
+  require_number(config, 'grad_accumulation_steps', low=1, integer=True)
+  methods.get(config.method).validate(config, num_devices)  # the loader batch is valid after it
+  _validate_grad_accumulation(config, num_devices)
+
+
+def _validate_grad_accumulation(config, num_devices: int) -> None:
+  k = config.grad_accumulation_steps
+  loader = methods.get(config.method).loader_batch_size(config)
+  if loader % num_devices == 0 and (loader // num_devices) % k:  # else a check above said why
+    raise ConfigError(f'config.grad_accumulation_steps={k} must divide the per-device batch '
+                      f'{loader // num_devices} ({loader} images per step over {num_devices} devices)')
 
 
 def _validate_model(config) -> None:

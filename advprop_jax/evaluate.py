@@ -7,7 +7,8 @@ Without --config the run's workdir/config.json is used. Evaluators (eval/evaluat
 names + settings) come from --evaluators, else config.evaluate.evaluators, else a default list (digits:
 clean, pgd, corruptions; ImageNet: all); config.evaluate.<name>.<key> overrides a setting. A dataset that
 is not prepared makes its evaluator 'skipped' (with the reason); the others still run. Writes
-OUTPUT/eval_metrics.json, report.md, pgd_accuracy.png, corruption_error.png.
+OUTPUT/eval_metrics.json, report.md, pgd_accuracy.png, corruption_error.png, each whole or not at
+all (a full disk: one line, exit status 3; an --output that is not writable: exit 2, before).
 """
 from absl import flags
 from ml_collections import config_flags
@@ -38,8 +39,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
     _, results = saved_run.evaluate_workdir(
         flag_values.workdir, flag_values.config, names=flag_values.evaluators, output=flag_values.output,
         ema=flag_values.ema, stylized_dir=flag_values.stylized_dir)
-  except (FileNotFoundError, ValueError) as e:
-    cli.fail(f'Error: {e}')
+  except (FileNotFoundError, ValueError) as e:  # the message names the file or the field
+    cli.fail(e)
   print('\n'.join(f'{n}: ' + (f'top1={r["top1"]:.4f}' if 'top1' in r else r.get('reason', r['status']))
                   for n, r in results.items()))
   if all(r['status'] != 'ok' for r in results.values()):

@@ -3,18 +3,20 @@
   python -m advprop_jax.export --workdir=DIR --format=flax|timm|savedmodel --output=PATH   (or advprop-export)
 
 * flax:        PATH/ is a directory: config.json (model, model_overrides, num_classes, image_size,
-               crop_fraction, normalization, pixel_mean, pixel_std, input_range) + variables/, an Orbax
-               StandardCheckpointer checkpoint of {'params', 'batch_stats'} for create_model(model,
-               num_classes=..., distributions=('clean',), **model_overrides). `load_exported_flax(PATH)` and
-               `python -m advprop_jax.predict --checkpoint=PATH` read it.
+               crop_fraction, normalization, pixel_mean, pixel_std, input_range[, class_names])
+               + variables/, an Orbax StandardCheckpointer checkpoint of {'params', 'batch_stats'} for
+               create_model(model, num_classes=..., distributions=('clean',), **model_overrides).
+               `load_exported_flax(PATH)` and `python -m advprop_jax.predict --checkpoint=PATH` read it.
 * timm:        PATH is a .safetensors file for timm's tf_efficientnet_bX / resnetN (strict load_state_dict);
                its header metadata holds the same config ('advprop_jax_config') and timm's mean, std,
-               input_size and crop_pct, so predict needs no --model for it.
+               input_size, crop_pct[, label_names], so predict needs no --model for it.
 * savedmodel:  PATH/ is a TF SavedModel (jax2tf, native serialization for --platforms). Signatures:
                'serving_default': float32 images [batch, S, S, 3] NHWC, S = image_size, already cropped,
                resized and normalised -> {'probabilities': float32 [batch, classes]};
-               'serving_uint8': the same with uint8 pixels 0..255 (normalised inside).
+               'serving_uint8': the same with uint8 pixels 0..255 (normalised inside)[; a
+               class_names string variable].
 
+class_names: the classes of a run on an image folder (workdir classes.json), in label order.
 Inputs are normalised per channel as the run's data.normalization: x = (pixels - pixel_mean) / pixel_std,
 pixels 0..255; 'minus_one_one' (AdvProp EfficientNets): mean = std = 127.5, x in [-1, 1]; 'imagenet'
 (configs/resnet.py): torchvision's mean/std.
@@ -38,8 +40,10 @@ from advprop_jax import checkpoints
 from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import convert
+from advprop_jax import workdir as workdir_lib
 from advprop_jax.convert import savedmodel
-from advprop_jax.data import normalization as normalization_lib
+# What an export records of the normalisation (export.normalization_config, .pixel_stats: API).
+from advprop_jax.data.normalization import DEFAULT_INPUT_RANGE, normalization_config, pixel_stats
 from advprop_jax.cli import UserError, one_line
 from advprop_jax.models import create_model, model_names
 
@@ -47,7 +51,7 @@ CONFIG_FILE = 'config.json'
 VARIABLES_DIR = 'variables'
 CONFIG_KEYS = ('model', 'model_overrides', 'num_classes', 'image_size', 'crop_fraction')  # required on read
 NORMALIZATION_KEYS = ('normalization', 'pixel_mean', 'pixel_std', 'input_range')  # written by export
-DEFAULT_INPUT_RANGE = (-1.0, 1.0)
+CLASS_NAMES_KEY = 'class_names'  # written by export when the run recorded class names
 FORMATS = ('flax', 'timm', 'savedmodel')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 TIMM_CONFIG_KEY = 'advprop_jax_config'  # safetensors metadata key of the exported config (JSON)
@@ -56,26 +60,6 @@ TIMM_CONFIG_KEY = 'advprop_jax_config'  # safetensors metadata key of the export
 # --------------------------------------------------------------------------------------------------------
 # Configs: the export view of a run, and the config.json of an exported directory
 # --------------------------------------------------------------------------------------------------------
-def normalization_config(normalization: str) -> Dict[str, Any]:
-  """normalization, pixel_mean, pixel_std (per channel, pixels) and input_range (images of pixels 0, 255)."""
-  if normalization not in normalization_lib.NORMALIZATIONS:
-    raise UserError(f'normalization={normalization!r}; allowed: {", ".join(normalization_lib.NORMALIZATIONS)}')
-  mean, std = normalization_lib.mean_std_pixels(normalization)
-  low, high = normalization_lib.input_range(normalization)
-  as_list = lambda v: [float(x) for x in np.ravel(v)] if np.ndim(v) else float(v)
-  return dict(normalization=normalization, pixel_mean=[float(m) for m in mean],
-              pixel_std=[float(s) for s in std], input_range=[as_list(low), as_list(high)])
-
-
-def pixel_stats(config: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
-  """Per-channel (mean, std) in pixels; exports older than per-channel support give a scalar input_range."""
-  if 'pixel_mean' in config and 'pixel_std' in config:
-    return np.asarray(config['pixel_mean'], np.float32), np.asarray(config['pixel_std'], np.float32)
-  low, high = (float(v) for v in config.get('input_range', DEFAULT_INPUT_RANGE))
-  std = 255.0 / (high - low)
-  return np.full(3, -low * std, np.float32), np.full(3, std, np.float32)
-
-
 def _read_json(path: str, what: str) -> Dict[str, Any]:
   try:
     with open(path, encoding='utf-8') as f:
@@ -133,16 +117,18 @@ def run_config(workdir: str) -> Dict[str, Any]:
     crop_fraction = preprocessing.eval_crop_fraction(config['image_size'])
   try:
     norm = normalization_config(normalization)
-  except UserError as e:
+  except ValueError as e:
     raise UserError(f'{path}: data.{e}') from None
-  return dict(config, crop_fraction=float(crop_fraction), **norm)
+  names = workdir_lib.read_class_names(workdir)  # None: the run's dataset names no classes
+  return dict(config, crop_fraction=float(crop_fraction), **norm,
+              **({CLASS_NAMES_KEY: names} if names else {}))
 
 
 def exported_config(config: Dict[str, Any]) -> Dict[str, Any]:
   """What an export records (flax config.json, timm metadata): main-distribution model, preprocessing."""
   keep = dict(config, model_overrides={k: v for k, v in config_lib.without_unset(config['model_overrides']).items()
                                        if k != 'distributions'})
-  return {k: keep[k] for k in CONFIG_KEYS + NORMALIZATION_KEYS if k in keep}
+  return {k: keep[k] for k in CONFIG_KEYS + NORMALIZATION_KEYS + (CLASS_NAMES_KEY,) if k in keep}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -169,13 +155,13 @@ def load_inference_variables(workdir: str) -> Tuple[Dict[str, Any], dict]:
   check_workdir(workdir)
   config = run_config(workdir)
   try:
-    variables, _ = checkpoints.load_inference_variables(workdir, ema=True)
+    variables, _, step = checkpoints.load_inference_variables(workdir, ema=True, with_step=True)
   except FileNotFoundError as e:
     raise UserError(f'--workdir={workdir}: {one_line(e)} (train first, or give the run directory)') from None
   except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for unreadable files
     raise UserError(f'--workdir={workdir}: cannot read the newest checkpoint '
-                    f'({type(e).__name__}: {one_line(e)})') from None
-  return config, variables
+                    f'({cli.read_failure(e, workdir)})') from None
+  return dict(config, checkpoint_step=step), variables  # the step is not exported (exported_config)
 
 
 def inference_model(config: Dict[str, Any]):
@@ -251,8 +237,10 @@ def _write_atomically(output: str, fmt: str, write: Callable[[str], None]) -> st
   try:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=parent)
-  except OSError as e:
-    raise UserError(f'--output={output}: cannot write in {parent} ({e.strerror or e})') from None
+  except OSError as e:  # e.g. a full disk (exit status 3, cli.WriteError)
+    if created:
+      shutil.rmtree(created, ignore_errors=True)
+    raise cli.write_error(e, f'the {fmt} export', path) from None
   try:
     target = os.path.join(tmp, 'out')
     write(target)
@@ -271,11 +259,11 @@ def _write_atomically(output: str, fmt: str, write: Callable[[str], None]) -> st
         raise
     else:
       os.rename(target, path)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if created:
       shutil.rmtree(created, ignore_errors=True)
-    raise
+    raise cli.write_error(e, f'the {fmt} export', path) from None  # a full disk: one line, status 3
   shutil.rmtree(tmp, ignore_errors=True)
   return path
 
@@ -315,7 +303,9 @@ def timm_metadata(config: Dict[str, Any]) -> Dict[str, str]:
   return {TIMM_CONFIG_KEY: json.dumps(exported_config(config), sort_keys=True),
           'mean': json.dumps([round(float(m) / 255, 6) for m in mean]),
           'std': json.dumps([round(float(s) / 255, 6) for s in std]),
-          'input_size': json.dumps([3, size, size]), 'crop_pct': f'{float(config["crop_fraction"]):g}'}
+          'input_size': json.dumps([3, size, size]),
+          'crop_pct': f'{float(config["crop_fraction"]):g}', **({'label_names': json.dumps(
+              config[CLASS_NAMES_KEY])} if CLASS_NAMES_KEY in config else {})}
 
 
 def export_timm(config, variables, output: str) -> str:
@@ -337,11 +327,12 @@ def export_savedmodel(config, variables, output: str, platforms=('cpu', 'cuda', 
   main = inference_variables(config, variables)
   return _write_atomically(output, 'savedmodel', lambda target: savedmodel.save_savedmodel(
       module, main, target, image_size=int(config['image_size']), pixel_mean=mean, pixel_std=std,
-      platforms=platforms))
+      platforms=platforms, class_names=config.get(CLASS_NAMES_KEY)))
 
 
-def export(workdir: str, fmt: str, output: str, **kwargs) -> str:
-  """Exports the run in `workdir` as `fmt` to `output`; returns the absolute output path."""
+def export(workdir: str, fmt: str, output: str, with_step: bool = False, **kwargs):
+  """Exports the run in `workdir` as `fmt` to `output`; returns the absolute output path (with_step:
+  and the step of the checkpoint exported)."""
   if fmt not in FORMATS:
     raise UserError(f'--format={fmt}: allowed: {", ".join(FORMATS)}')
   check_workdir(workdir)
@@ -349,12 +340,13 @@ def export(workdir: str, fmt: str, output: str, **kwargs) -> str:
   config, variables = load_inference_variables(workdir)
   writer = {'flax': export_flax, 'timm': export_timm, 'savedmodel': export_savedmodel}[fmt]
   try:
-    return writer(config, variables, output, **kwargs)
+    path = writer(config, variables, output, **kwargs)
   except UserError:
     raise
   except ValueError as e:  # the checkpoint's variables do not fit the model that config.json describes
     raise UserError(f'--workdir={workdir}: the newest checkpoint does not fit config.json '
                     f'({one_line(e)})') from None
+  return (path, config['checkpoint_step']) if with_step else path
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -379,8 +371,10 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
     if unknown or not flag_values.platforms:
       raise UserError(f'--platforms={",".join(flag_values.platforms)}: allowed: {", ".join(PLATFORMS)}')
     kwargs = dict(platforms=tuple(flag_values.platforms)) if flag_values.format == 'savedmodel' else {}
-    path = export(flag_values.workdir, flag_values.format, flag_values.output, **kwargs)
-    print(f'Exported {flag_values.workdir} as {flag_values.format} to {path}')
+    path, step = export(flag_values.workdir, flag_values.format, flag_values.output, with_step=True,
+                        **kwargs)
+    print(f'Exported {flag_values.workdir} (checkpoint step {step}, the newest complete one) as '
+          f'{flag_values.format} to {path}')
   return status[0]
 
 

@@ -1,15 +1,17 @@
 """Command line: `python -m advprop_jax.main --config=configs/efficientnet.py:b0 --workdir=DIR`.
 
 Any config field can be overridden, e.g. `--config.method=vanilla --config.global_batch_size=1024`.
-Training resumes automatically from the newest checkpoint in DIR; Ctrl-C or SIGTERM saves a checkpoint
-and exits. Bad flags and config values exit with code 2 and one line naming the field, before anything
-is compiled or written.
+Training resumes automatically from the newest checkpoint in DIR; Ctrl-C, SIGTERM or SIGHUP saves a
+checkpoint and exits. Bad flags and config values exit with code 2 and one line naming the field,
+before anything is compiled or written; a write that fails (disk full, no permission) with code 3
+and one line naming the file and the newest complete checkpoint; a diverged loss with code 1.
 
 Multi-host: on TPU VMs every process finds the others itself (`--distributed=auto`). Elsewhere start one
 process per host (or several on one machine, `python -m advprop_jax.launch_local`) with
 `--distributed=yes --coordinator_address=HOST:PORT --num_processes=N --process_id=I`; SLURM and Open MPI
 jobs need only `--distributed=yes`.
 """
+import functools
 import logging
 import os
 import sys
@@ -80,7 +82,8 @@ def _peer_lost(error: Exception):
   os._exit(1)  # pylint: disable=protected-access
 
 
-def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS, exit_at_once_after_stop=False) -> int:
+  """exit_at_once_after_stop: the command line's choice (run()); in-process callers (tests) go on."""
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
   input_pipeline.keep_tf_off_accelerators()
@@ -89,14 +92,16 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    final = trainer.train_and_evaluate(flag_values.config, flag_values.workdir,
-                                       allow_schedule_change=flag_values.allow_schedule_change)
+    final = trainer.train_and_evaluate(
+        flag_values.config, flag_values.workdir,
+        allow_schedule_change=flag_values.allow_schedule_change,
+        on_stop=_exit_after_stop if exit_at_once_after_stop else None)
   except config_lib.ConfigError as e:
     cli.fail(f'Config error: {e}')
   except (checkpoints.CheckpointMismatchError, workdir_lib.WorkdirError) as e:
     cli.fail(f'Workdir error: {e}')
-  except checkpoints.CheckpointWriteError as e:
-    cli.fail(f'Checkpoint error: {e}', code=1)
+  except checkpoints.CheckpointWriteError as e:  # names the step, the reason, the newest complete
+    cli.fail(e, code=cli.WRITE_FAILED)
   except trainer.NonFiniteLossError as e:
     cli.fail(f'Training stopped: {e}', code=1)
   except KeyboardInterrupt:
@@ -112,9 +117,22 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
     print(trainer.format_final_table(flag_values.config, final))
 
 
+def _exit_after_stop():
+  """Ends a run stopped by a signal, its checkpoint saved, at once: the interpreter's teardown (of
+  tf.data's in-flight work: tens of seconds on a busy host) would outlast a scheduler's grace period.
+  Multi-host: after JAX's shutdown barrier, so that no process sees another one vanish."""
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+  logging.shutdown()  # flushes the log handlers
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
+
+
 def run():
   """Console-script entry point."""
-  cli.run(main, 'advprop_jax.main', __doc__, define_flags)
+  cli.run(functools.partial(main, exit_at_once_after_stop=True), 'advprop_jax.main', __doc__,
+          define_flags)
 
 
 if __name__ == '__main__':

@@ -15,10 +15,13 @@ exactly as training would run it (plan_core.py), which gives:
     The default utilisation (8.4 %) is the one implied by a published figure (ANCHOR: EfficientNet-B0's
     350-epoch TF recipe took 23 h on a Cloud TPU v2-8) given our own FLOP count for that run.
 Writes OUTPUT/<model>-<method>-<topology>.json and .md (one markdown table row); the last line printed
-is one JSON object. Exit 0 when the step compiles (fits or not), 2 for a bad config or slice name.
+is one JSON object. Exit 0 when the step compiles (fits or not), 2 for a bad config or slice name
+(or an --output that is not writable), 3 when writing OUTPUT fails (a full disk: nothing half written
+is left).
 """
 import json
 import os
+import shutil
 import time
 
 from absl import flags
@@ -74,6 +77,11 @@ def fitting_batch(result: dict):
   return batch if batch >= 1 else None
 
 
+def _num(value, spec: str, scale: float = 1.0) -> str:
+  """value / scale formatted, or '-' when unknown (no projection: the dataset's size is unknown)."""
+  return '-' if value is None else f'{value / scale:{spec}}'
+
+
 def markdown_row(r: dict) -> str:
   gib = lambda b: f'{b / 2 ** 30:.1f}' if b else '-'
   fits = 'yes' if r.get('fits') else 'no'
@@ -84,11 +92,11 @@ def markdown_row(r: dict) -> str:
   return (f'| {r["model"]} | {r["method"]} | {r["topology"]} | {r["devices"]}/{r["processes"]} | '
           f'{r["per_core_batch"]} | {gib(r.get("per_core_bytes") or r.get("temp_bytes_required"))} / '
           f'{gib(r["hbm_bytes_per_core"])} | {fits} | '
-          f'{r.get("flops_per_step", float("nan")) / 1e12:.1f} | '
-          f'{r.get("flops_per_image", float("nan")) / 1e9:.2f} | {collectives} | '
-          f'{p.get("steps", "-")} | {p.get("floor_hours", float("nan")):.1f} h / '
-          f'{p.get("hours", float("nan")):.1f} h | '
-          f'{p.get("chip_hours", float("nan")):.0f} | {r["compile_s"]:.0f} |')
+          f'{_num(r.get("flops_per_step"), ".1f", 1e12)} | '
+          f'{_num(r.get("flops_per_image"), ".2f", 1e9)} | '
+          f'{collectives} | {p.get("steps", "-")} | '
+          f'{_num(p.get("floor_hours"), ".1f")} h / {_num(p.get("hours"), ".1f")} h | '
+          f'{_num(p.get("chip_hours"), ".0f")} | {r["compile_s"]:.0f} |')
 
 
 MARKDOWN_HEADER = ('| model | method | slice | devices/hosts | batch/core | GiB/core (plan) / HBM | fits | '
@@ -131,6 +139,10 @@ def run_plan(config, topology: str, *, remat='auto', eval_step=False, utilizatio
   examples = train_examples or KNOWN_TRAIN_EXAMPLES.get(config.data.dataset)
   if examples and 'flops_per_step' in best:
     result['projection'] = projection(best, config, utilization or implied_utilization(), examples)
+  elif not examples:  # said instead of projecting nothing (a row of '-'; it printed 'nan' before)
+    result['no_projection'] = (f'the size of dataset {config.data.dataset!r} is not known here '
+                               f'(known: {", ".join(sorted(KNOWN_TRAIN_EXAMPLES))}); pass '
+                               '--train_examples=N')
   result['train_step_compile_s'] = result.get('compile_s')
   result['compile_s'] = time.perf_counter() - start  # every compile this plan made (remat retry included)
   return result
@@ -153,6 +165,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   topologies.compile_only_environment()
   if flag_values.utilization is not None and not 0 < flag_values.utilization <= 1:
     cli.fail(f'--utilization={flag_values.utilization} must be in (0, 1]')
+  if flag_values.output:
+    cli.check_writable('--output', flag_values.output)  # before compiling (minutes), not after
   try:
     result = run_plan(config, topology, remat=flag_values.remat,
                       eval_step=flag_values.eval_step, utilization=flag_values.utilization,
@@ -187,15 +201,37 @@ def _report(result: dict, output: str) -> None:
     print(f'  PROJECTION: {p["steps"]} steps; FLOP-bound floor {p["floor_hours"]:.1f} h '
           f'({p["floor_chip_hours"]:.0f} chip-h) at peak; {p["hours"]:.1f} h ({p["chip_hours"]:.0f} chip-h) '
           f'at {100 * p["utilization"]:.1f} % utilisation')
+  elif 'no_projection' in result:
+    print(f'  no projection of the run: {result["no_projection"]}')
   print(MARKDOWN_HEADER + '\n' + row)
   if output:
-    os.makedirs(output, exist_ok=True)
-    stem = os.path.join(output, f'{result["model"]}-{result["method"]}-{result["topology"]}')
-    with open(stem + '.json', 'w') as f:
-      json.dump(result, f, indent=1, sort_keys=True, default=str)
-    with open(stem + '.md', 'w') as f:
-      f.write(row + '\n')
+    _write_files(output, f'{result["model"]}-{result["method"]}-{result["topology"]}', {
+        '.json': json.dumps(result, indent=1, sort_keys=True, default=str), '.md': row + '\n'})
   print(json.dumps(result, sort_keys=True, default=str))
+
+
+def _write_files(output: str, stem: str, texts: dict) -> None:
+  """OUTPUT/<stem><suffix> for each text; a failed write (a full disk) is one cli.WriteError and
+  leaves no half-written file, nor an OUTPUT it created."""
+  path = top = os.path.join(os.path.abspath(output), stem)
+  while not os.path.exists(os.path.dirname(top)):
+    top = os.path.dirname(top)  # the topmost directory this call creates, if any
+  created = top != path
+  with cli.writing('the plan', path + '.*'):
+    try:
+      os.makedirs(output, exist_ok=True)
+      for suffix, text in texts.items():
+        with open(path + suffix + '.tmp', 'w') as f:
+          f.write(text)
+      for suffix in texts:
+        os.replace(path + suffix + '.tmp', path + suffix)
+    except BaseException:
+      for suffix in texts:
+        if os.path.exists(path + suffix + '.tmp'):
+          os.remove(path + suffix + '.tmp')
+      if created:
+        shutil.rmtree(top, ignore_errors=True)
+      raise
 
 
 def run():

@@ -1,20 +1,25 @@
 """The training loop: data, state, resume, steps, metrics, periodic evaluation and checkpoints."""
 import logging
+import os
+import re
 import time
 
 import jax
 import numpy as np
 from clu import metric_writers
-from clu import periodic_actions
 
 from advprop_jax import checkpoints
+from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import factories
+from advprop_jax import init_from
 from advprop_jax import parallel
 from advprop_jax import step as step_lib
 from advprop_jax import workdir as workdir_lib
+from advprop_jax.data import image_folder
 from advprop_jax.data import input_pipeline
 from advprop_jax.eval import evaluators
+
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,13 +31,73 @@ def variables(params, model_state) -> dict:
   return {'params': params, **model_state}
 
 
-def _check_finite(history):
+def _check_finite(history, checkpointer):
   for step, metrics in history:
     loss = float(metrics['loss'])
     if not np.isfinite(loss):
-      raise NonFiniteLossError(
-          f'Training loss is {loss} at step {step}; stopping. The last checkpoint (before this '
-          'step) is kept: lower the learning rate or fix the data and rerun to resume from it.')
+      checkpointer.wait()  # a save in flight (of an earlier step, checked finite) completes first
+      kept = checkpointer.newest_complete()
+      # A lower learning rate is a schedule change, which a resume refuses unless allowed.
+      advice = (f'the newest checkpoint ({kept}, before this step) is kept: rerun with a lower '
+                '--config.base_learning_rate and --allow_schedule_change to resume from it with '
+                'that, or fix the data and rerun the same command' if kept != 'none' else
+                'no checkpoint was written yet: rerun with a lower --config.base_learning_rate, or '
+                'fix the data, to start again')
+      raise NonFiniteLossError(f'Training loss is {loss} at step {step}; stopping. {advice}.')
+
+
+class _Profile:
+  """A jax.profiler trace of steps first+1 .. last (config.profile_steps = (first, last)), written
+  to WORKDIR/plugins/profile. Not clu's Profile: that one also waits for 3 s of steps (a short run
+  ended before them and wrote nothing, silently) and profiles again every hour."""
+
+  def __init__(self, workdir, first, last):
+    self.workdir, self.first, self.last, self.running = workdir, first, last, False
+
+  def __call__(self, step):  # after `step` steps
+    if step == self.first:
+      jax.profiler.start_trace(self.workdir)
+      self.running = True
+    elif step == self.last and self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      logging.info('Profiler trace of steps %d-%d written to %s', self.first + 1, self.last,
+                   os.path.join(self.workdir, 'plugins', 'profile'))
+
+
+def _profile(config, workdir, start_step: int, total_steps: int):
+  """The trace of config.profile_steps (process 0), or None; warns if the run cannot reach it."""
+  if not config.profile_steps or jax.process_index() != 0:
+    return None
+  first, last = config.profile_steps
+  if not start_step <= first < total_steps:
+    logging.warning('config.profile_steps=(%d, %d): no profiler trace, the run %s.', first, last,
+                    f'ends at step {total_steps}' if first >= total_steps else
+                    f'resumes at step {start_step}, after its start')
+    return None
+  if last > total_steps:
+    logging.warning('config.profile_steps=(%d, %d): the run ends at step %d; the trace covers '
+                    'steps %d-%d.', first, last, total_steps, first + 1, total_steps)
+  profile = _Profile(workdir, first, min(last, total_steps))
+  if first == start_step:
+    profile(first)  # from the first step on (its compilation included)
+  return profile
+
+
+def _write_failure(error, checkpointer, workdir):
+  """A failed write of the run (summaries, config.json, final metrics, ...) as one WriteError naming
+  the newest complete checkpoint; other errors as they are (a failed save names itself)."""
+  if isinstance(error, cli.WriteError):
+    what, path, reason = error.what, error.path, error.reason
+  elif (isinstance(error, checkpoints.CheckpointWriteError) or
+        cli.write_failure_reason(error) not in cli.DISK_REASONS):  # (not a read's error)
+    return error
+  else:  # e.g. clu's AsyncError of the TensorBoard writer: TensorFlow names the file in its text
+    reason = cli.write_failure_reason(error)
+    paths = re.findall(r'(?:^|[\s\'"])(/[^\s;\'"]+)', str(error))
+    path = getattr(error, 'filename', None) or (paths[0] if paths else workdir)
+    what = 'the TensorBoard summaries' if 'tfevents' in path else 'an output of the run'
+  return cli.WriteError(what, path, reason, then=checkpointer.rerun_hint(reason))
 
 
 def _num_train_examples(config) -> int:
@@ -43,6 +108,12 @@ def _num_train_examples(config) -> int:
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f'config.data (dataset={config.data.dataset!r}, '
                                  f'data_dir={config.data.data_dir!r}): {e}') from e
+  if config.data.dataset == image_folder.NAME and config.num_classes != dataset_classes:
+    # An image folder defines the classes: one output per class folder, whatever the config file
+    # says (configs/demo.py's 10 would leave untrained outputs); config.json records the number.
+    logging.info('config.num_classes=%d -> %d: the class folders of %s', config.num_classes,
+                 dataset_classes, config.data.data_dir)
+    config.num_classes = dataset_classes
   if dataset_classes > config.num_classes:
     raise config_lib.ConfigError(f'config.num_classes={config.num_classes} is smaller than the '
                                  f'{dataset_classes} classes of dataset {config.data.dataset!r}')
@@ -71,13 +142,16 @@ def _progress_line(step, total_steps, means, images_per_sec, seconds_per_step) -
           f'{accuracy} | {images_per_sec:.1f} img/s | ETA {eta}')
 
 
-def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_change=False) -> dict:
+def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_change=False,
+                       on_stop=None) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
 
   step_hooks: callables `hook(step, state, metrics)` run after every step (e.g. timing: the ablation
   blocks on the outputs and records the time). allow_schedule_change: resume a run whose checkpoint was
   written with another batch size / LR / epochs / seed (refused otherwise, nothing modified). A finished
   run is not trained or evaluated again: its stored final metrics are returned ('already_finished').
+  on_stop: called once a signal's checkpoint is saved, while the run is still alive (the command line
+  exits the process there: tearing down tf.data's in-flight work takes tens of seconds on a busy host).
   """
   jax.config.update('jax_default_prng_impl', config.prng_impl)
   config_lib.validate(config, jax.device_count(), jax.process_count())
@@ -85,22 +159,30 @@ def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_ch
   mesh = parallel.create_mesh(config.bn_group_size)
   schedule = factories.schedule(config, _num_train_examples(config))
   model = factories.build_model(config)
+  source = init_from.prepare(config, workdir, model)  # read and checked before the workdir is created
   tx, lr_fn = factories.build_optimizer(config, schedule.steps_per_epoch)
   logging.info('%d process(es), %d device(s), mesh %s; %d steps of %d images (%.3f per epoch)',
                jax.process_count(), jax.device_count(), dict(mesh.shape), schedule.total_steps,
                factories.loader_batch_size(config), schedule.steps_per_epoch)
-  with workdir_lib.Lock(workdir):
+  with cli.BackgroundErrors(), workdir_lib.Lock(workdir):
     checkpointer = checkpoints.Checkpointer(
         workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
         config_fingerprint=factories.fingerprint(config), schedule_fields=factories.SCHEDULE_FIELDS,
         allow_schedule_change=allow_schedule_change)
     try:
-      return _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step_hooks)
+      return _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step_hooks,
+                    source, on_stop)
+    except Exception as e:  # pylint: disable=broad-except  (re-raised unless it is a failed write)
+      failure = _write_failure(e, checkpointer, workdir)
+      if failure is e:
+        raise
+      raise failure from None
     finally:
       checkpointer.close()
 
 
-def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step_hooks) -> dict:
+def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step_hooks,
+           source=None, on_stop=None) -> dict:
   total_steps = schedule.total_steps
   state, _ = checkpointer.restore_latest(
       step_lib.abstract_train_state(model, tx, config.data.image_size, mesh), mesh)
@@ -110,11 +192,14 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
     logging.info('The run in %s finished at step %d; its final metrics are kept as they are '
                  '(python -m advprop_jax.evaluate evaluates it again).', workdir, int(state.step))
     return dict(finished, already_finished=True)
-  if state is None:
+  if state is None and config.get('init_from'):  # (its checkpoints may all have been unreadable)
+    state = init_from.initial_state(source or init_from.load(config, model), model, tx, config, mesh)
+  elif state is None:
     state = step_lib.create_train_state(model, tx, jax.random.PRNGKey(config.seed),
                                         config.data.image_size, mesh)
   start_step = int(state.step)
   workdir_lib.write_run_config(config, workdir)
+  workdir_lib.write_class_names(input_pipeline.class_names(config.data), workdir)
   logging.info('Starting at step %d%s', start_step, ' (resumed)' if start_step else '')
 
   writer = _summary_writer(workdir)
@@ -127,10 +212,7 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
       input_pipeline.train_dataset(config.data, per_process_batch_size=loader_batch // jax.process_count(),
                                    seed=config.seed, start_step=start_step),
       parallel.batch_sharding(mesh), config.data.normalization)
-  profile = None
-  if config.profile_steps and jax.process_index() == 0:
-    profile = periodic_actions.Profile(logdir=workdir, first_profile=config.profile_steps[0],
-                                       num_profile_steps=config.profile_steps[1] - config.profile_steps[0])
+  profile = _profile(config, workdir, start_step, total_steps)
   step_rng = jax.random.PRNGKey(config.seed + 1)
   history, wait_time, window_start, window_steps = [], 0.0, time.time(), 0
 
@@ -156,7 +238,7 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
       profile(step)
     last = step == total_steps
     if step % config.log_every_steps == 0 or last or checkpointer.should_save(step):
-      _check_finite(history)
+      _check_finite(history, checkpointer)
       seconds = max(time.time() - window_start, 1e-9)
       means = {f'train/{k}': float(np.mean([float(m[k]) for _, m in history])) for k in metrics}
       means.update({'train/input_wait_fraction': wait_time / seconds,
@@ -176,10 +258,12 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
     if checkpointer.should_save(step) or last:
       checkpointer.save(step, state, {'data_step': step}, force=last)
     if checkpointer.preempted and not last:
-      logging.warning('Stop requested: checkpoint at step %d saved, exiting. Rerun the same command to '
-                      'resume.', step)
-      checkpointer.wait()
+      checkpointer.wait()  # the save is complete (no tmp directory left) before we say so
+      logging.warning('Stop requested (%s): checkpoint at step %d saved, exiting. Rerun the same '
+                      'command to resume.', checkpointer.stop_reason, step)
       writer.flush()
+      if on_stop is not None:
+        on_stop()
       return {'preempted_at_step': step}
 
   final = final_evaluation(config, eval_context, state)

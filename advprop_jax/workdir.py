@@ -1,5 +1,6 @@
-"""The training workdir: what the loop writes there (config.json, final_metrics.json; checkpoints/ is
-checkpoints.py's), the checks before anything is written, and the lock that keeps two runs out of it.
+"""The training workdir: what the loop writes there (config.json, classes.json, final_metrics.json;
+checkpoints/ is checkpoints.py's), the checks before anything is written, and the lock that keeps
+two runs out of it.
 
 The lock is an flock on WORKDIR/.lock held by process 0 for the life of the run: the kernel releases it
 when the process ends however it ends (SIGKILL included), so a killed run never leaves it stuck. Workdirs
@@ -15,8 +16,11 @@ import time
 import jax
 from etils import epath
 
+from advprop_jax import cli
+
 CONFIG_FILE = 'config.json'
 FINAL_METRICS_FILE = 'final_metrics.json'
+CLASSES_FILE = 'classes.json'  # the class names, label order: a JSON list of strings
 LOCK_FILE = '.lock'
 
 
@@ -52,9 +56,15 @@ class Lock:
   def acquire(self) -> 'Lock':
     if jax.process_index() != 0 or not is_local(self.workdir):
       return self
-    os.makedirs(self.workdir, exist_ok=True)
     path = os.path.join(self.workdir, LOCK_FILE)
-    handle = open(path, 'a+')  # pylint: disable=consider-using-with  (held until release)
+    made, existed = _missing_dirs(self.workdir), os.path.exists(path)  # removed if the lock fails
+    try:
+      with cli.writing('the workdir lock', path):
+        os.makedirs(self.workdir, exist_ok=True)
+        handle = open(path, 'a+')  # pylint: disable=consider-using-with  (held until release)
+    except cli.WriteError:
+      _remove(made)
+      raise
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,11 +73,20 @@ class Lock:
       handle.close()
       raise WorkdirError(f'--workdir={self.workdir} is in use by another run ({holder}); wait for it '
                          'to finish, stop it, or use another --workdir') from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f'pid {os.getpid()} on {socket.gethostname()} since '
-                 f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
-    handle.flush()
+    try:
+      with cli.writing('the workdir lock', path):
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f'pid {os.getpid()} on {socket.gethostname()} since '
+                     f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        handle.flush()
+    except cli.WriteError:  # e.g. a full disk: no empty .lock (nor workdir) is left behind
+      _remove(([] if existed else [path]) + made)
+      try:
+        handle.close()  # flushes the unwritten line again, and fails again
+      except OSError:
+        pass
+      raise
     self._file = handle
     return self
 
@@ -83,10 +102,33 @@ class Lock:
     self.release()
 
 
+def _missing_dirs(path: str) -> list:
+  """`path` and its ancestors that do not exist yet, deepest first."""
+  missing, path = [], os.path.abspath(path)
+  while not os.path.exists(path):
+    missing, path = missing + [path], os.path.dirname(path)
+  return missing
+
+
+def _remove(paths) -> None:
+  """Removes what a failed write made, in order (the file, then the directories, deepest first)."""
+  for path in paths:
+    try:
+      (os.rmdir if os.path.isdir(path) else os.remove)(path)
+    except OSError:
+      pass
+
+
 def _write_atomic(path: epath.Path, text: str) -> None:
   tmp = path.parent / (path.name + '.tmp')
-  tmp.write_text(text)
-  tmp.replace(path)  # a reader sees the old file or the new one, never half of one
+  with cli.writing(f"the run's {path.name}", str(path)):
+    try:
+      tmp.write_text(text)
+      tmp.replace(path)  # a reader sees the old file or the new one, never half of one
+    except BaseException:
+      if tmp.exists():
+        tmp.unlink()  # nothing half written is left
+      raise
 
 
 def write_run_config(config, workdir: str) -> None:
@@ -95,6 +137,19 @@ def write_run_config(config, workdir: str) -> None:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     _write_atomic(path / CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def write_class_names(names, workdir: str) -> None:
+  """WORKDIR/classes.json when the dataset names its classes (image folders; process 0 only), for
+  export and predict."""
+  if names is not None and jax.process_index() == 0:
+    _write_atomic(epath.Path(workdir) / CLASSES_FILE, json.dumps(list(names), indent=1))
+
+
+def read_class_names(workdir: str):
+  """The run's class names (label order), or None when it recorded none."""
+  path = epath.Path(workdir) / CLASSES_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_final_metrics(final: dict, workdir: str) -> None:

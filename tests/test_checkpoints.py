@@ -1,4 +1,4 @@
-"""Checkpointer: exact round trip, retention, half-written steps, config mismatch, SIGTERM, export."""
+"""Checkpointer: exact round trip, retention, half-written steps, config mismatch, signals, export."""
 import hashlib
 import os
 import shutil
@@ -140,17 +140,42 @@ def test_mismatched_fingerprint_refuses_and_modifies_nothing(tmp_path, mesh):
   assert snapshot(tmp_path) == before
 
 
-def test_sigterm_requests_a_save_without_killing(tmp_path):
-  previous = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGHUP], ids=['SIGTERM', 'SIGHUP'])
+def test_sigterm_requests_a_save_without_killing(tmp_path, sig):
+  previous = signal.getsignal(sig)
   ckpt = checkpointer(tmp_path, every_steps=100)
   try:
     assert not ckpt.preempted and not ckpt.should_save(7)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert ckpt.preempted
+    os.kill(os.getpid(), sig)
+    assert ckpt.preempted and ckpt.stop_reason == signal.Signals(sig).name
     assert ckpt.should_save(7) and ckpt.should_save(13)
   finally:
     ckpt.close()
-  assert signal.getsignal(signal.SIGTERM) is previous
+  assert signal.getsignal(sig) is previous
+
+
+def test_sighup_stays_ignored_under_nohup(tmp_path):
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    with checkpointer(tmp_path, every_steps=100):
+      assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGHUP, previous)
+
+
+def test_multihost_signals_go_to_jax_preemption_service(tmp_path, monkeypatch):
+  """With several processes, SIGINT / SIGHUP become SIGTERM for jax's preemption service (which
+  agrees on the save step across processes); the process never decides to save on its own."""
+  with checkpointer(tmp_path, every_steps=100) as ckpt:
+    monkeypatch.setattr(checkpoints.jax, 'process_count', lambda: 2)
+    assert checkpoints._stop_signals() == (signal.SIGINT, signal.SIGHUP)  # SIGTERM stays jax's
+    sent = []
+    monkeypatch.setattr(checkpoints.os, 'kill', lambda pid, sig: sent.append((pid, sig)))
+    ckpt._on_signal(signal.SIGHUP, None)
+    assert sent == [(os.getpid(), signal.SIGTERM)] and not ckpt.preempted
+    assert ckpt.stop_reason == 'SIGHUP'
+    monkeypatch.undo()
 
 
 def test_load_inference_variables(tmp_path, mesh):

@@ -186,6 +186,11 @@ def test_train_warns_on_local_workdir():
   assert 'not on GCS' in proc.stderr
 
 
+def test_train_dry_run_says_it_would_start():  # issue #29: a dry run starts nothing
+  proc = run_script('train', *BASE, f'--config={CONFIG}', f'--workdir={WORKDIR}')
+  assert 'dry run: would start on all workers' in proc.stderr and 'started' not in proc.stderr
+
+
 def test_status_all_workers():
   [cmd] = commands('status', *BASE, '--lines=7')
   assert flag(cmd, '--worker') == 'all'

@@ -148,22 +148,35 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_save_and_exit_cleanly(tmp_path, data_dir, sig):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=['SIGTERM', 'SIGINT', 'SIGHUP'])
+def test_sigterm_ctrl_c_and_sighup_save_and_exit_cleanly(tmp_path, data_dir, sig):
   workdir = tmp_path / 'run'
   cmd = [sys.executable, '-m', 'advprop_jax.main', '--config=configs/demo.py',
          f'--workdir={workdir}', *TINY, f'--config.data.data_dir={data_dir}',
-         '--config.max_steps=100000', '--config.checkpoint_every_steps=100000']
+         '--config.max_steps=100000', '--config.checkpoint_every_steps=100000',
+         '--config.log_every_steps=1']
   process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
   for line in process.stdout:  # wait until training runs
-    if '] train/' in line:
+    running = re.search(r'\] step (\d+)/', line)
+    if running and int(running.group(1)) >= 3:
       break
   process.send_signal(sig)
+  sent = time.time()
   out, _ = process.communicate(timeout=300)
   assert process.returncode == 0 and 'Traceback' not in out, out[-3000:]
+  assert time.time() - sent < 30, out[-3000:]
   steps = [int(n) for n in os.listdir(workdir / 'checkpoints') if n.isdigit()]
-  assert len(steps) == 1 and steps[0] >= 4
+  assert len(steps) == 1 and steps[0] >= int(running.group(1))
+  assert os.listdir(workdir / 'checkpoints') == [str(steps[0])]  # no save left half-written
+  # After the signal: INFO progress lines, then one line saying where it stopped (SIGINT first
+  # says it will save, and how to stop at once).
+  said = [l for l in out.strip().splitlines() if not re.match(r'I\d{4} ', l)]
+  name = signal.Signals(sig).name
+  assert said[-1].endswith(f'Stop requested ({name}): checkpoint at step {steps[0]} saved, '
+                           'exiting. Rerun the same command to resume.'), out[-3000:]
+  assert len(said) == (2 if sig == signal.SIGINT else 1), said
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path, data_dir):

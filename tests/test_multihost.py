@@ -1,8 +1,11 @@
 """The multi-host path, as local processes over JAX's CPU collectives (issue #16): per-process input
-shards, process 0 writing, every process in checkpointing, exact resume, one process failing."""
+shards, process 0 writing, every process in checkpointing, exact resume, one process failing,
+signals to the launcher (issue #29)."""
+import fcntl
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +164,98 @@ def test_a_process_that_dies_alone_ends_the_job_with_a_clear_error(tmp_path, dat
   assert time.time() - killed < 120 and first.returncode == 1, rest[-3000:]
   last = rest.strip().splitlines()[-1]
   assert 'another process of this job has stopped' in last and 'Fatal Python error' not in rest
+
+
+def start_stoppable(workdir, data_dir):
+  """A launcher of an endless 2-process run; returns (launcher, [trainer pids], output lines, step)
+  once process 0 has logged step 3."""
+  cmd = [sys.executable, '-m', 'advprop_jax.launch_local', '--processes=2', '--', *TINY,
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', '--config.max_steps=100000',
+         '--config.checkpoint_every_steps=100000', '--config.log_every_steps=1']
+  launcher = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  lines = []
+  for line in launcher.stdout:
+    lines.append(line)
+    running = re.search(r'^\[process 0\] .*\] step (\d+)/', line)
+    if running and int(running.group(1)) >= 3:
+      return launcher, children_of(launcher.pid), lines, int(running.group(1))
+  raise AssertionError(''.join(lines[-40:]))
+
+
+def children_of(pid):
+  found = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        if entry.isdigit() and int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+          found.append(int(entry))
+    except (OSError, ValueError):
+      pass  # gone meanwhile
+  assert len(found) == 2, found
+  return found
+
+
+def alive(pid):
+  try:
+    os.kill(pid, 0)
+    with open(f'/proc/{pid}/stat') as f:  # a zombie (exited, not yet reaped) is not alive
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except (ProcessLookupError, FileNotFoundError):
+    return False
+
+
+def assert_stopped_and_saved(workdir, pids, signalled_at, step):
+  """Within 30 s of the signal no process of the job is alive, the workdir is free, and one complete
+  checkpoint at or after the signal's step exists (nothing half-written)."""
+  while any(alive(p) for p in pids) and time.time() < signalled_at + 30:
+    time.sleep(0.2)
+  assert not [p for p in pids if alive(p)]
+  with open(workdir / '.lock', 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a process holds the workdir
+  saved = os.listdir(workdir / 'checkpoints')
+  assert len(saved) == 1 and int(saved[0]) >= step, saved
+  assert os.path.exists(workdir / 'checkpoints' / saved[0] / '_CHECKPOINT_METADATA')
+  return int(saved[0])
+
+
+def kill(pids):
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_to_the_launcher_saves_and_stops_every_process(tmp_path, data_dir, sig):
+  workdir = tmp_path / 'run'
+  launcher, pids, lines, step = start_stoppable(workdir, data_dir)
+  try:
+    launcher.send_signal(sig)
+    sent = time.time()
+    out, _ = launcher.communicate(timeout=60)
+    saved = assert_stopped_and_saved(workdir, pids + [launcher.pid], sent, step)
+  finally:
+    kill(pids + [launcher.pid])
+  out = ''.join(lines) + out
+  assert launcher.returncode == 0, out[-4000:]
+  name = signal.Signals(sig).name
+  stopped = [l for l in out.splitlines() if 'Stop requested' in l]
+  assert len(stopped) == 2 and all(f'checkpoint at step {saved} saved' in l for l in stopped), out
+  said = [l for l in out.splitlines() if l.startswith('[launch_local]')]
+  assert len(said) == 2 and said[0].startswith(f'[launch_local] {name}: forwarded'), said
+  assert said[1].startswith(f'[launch_local] stopped by {name}: every process saved'), said
+  assert 'Traceback' not in out and 'Exception ignored' not in out, out[-4000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
+def test_the_processes_stop_by_themselves_when_the_launcher_is_killed(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  launcher, pids, _, step = start_stoppable(workdir, data_dir)
+  try:
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    assert_stopped_and_saved(workdir, pids, time.time(), step)  # they saved, then exited
+  finally:
+    kill(pids)

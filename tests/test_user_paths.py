@@ -146,6 +146,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplo
   np.testing.assert_array_equal(state.params['w'], _state(mesh, 1).params['w'])
   warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
   assert any('step 2' in w and 'cannot be restored' in w for w in warnings), warnings
+  assert not any('tensorstore_spec' in w or '\n' in w for w in warnings), warnings  # issue #29
   kept = [n for n in os.listdir(tmp_path / 'checkpoints') if n.startswith('2.unreadable-')]
   assert len(kept) == 1 and not step_dir.exists()  # set aside, not deleted
 

@@ -2,11 +2,14 @@
 evaluators, the outputs."""
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import ml_collections
 
 from advprop_jax import checkpoints
+from advprop_jax import cli
 from advprop_jax import factories
 from advprop_jax import parallel
 from advprop_jax.eval import evaluators
@@ -20,12 +23,18 @@ def load_config(workdir, config=None):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: pass --config (the training config of this run)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except json.JSONDecodeError as e:  # e.g. truncated: name the file, not just the parser's words
+    raise ValueError(f'{path}: not valid JSON ({e}); pass --config (the training config of this '
+                     'run)') from None
 
 
 def evaluate_workdir(workdir, config=None, *, names=None, output=None, ema=True, stylized_dir=None):
   """Runs the evaluators on the newest checkpoint of `workdir`; returns (meta, results)."""
+  if output:
+    cli.check_writable('--output', output)  # before the evaluation, not after it
   config = load_config(workdir, config)
   plan = evaluators.evaluator_plan(config, names)
   weights, fp = checkpoints.load_inference_variables(workdir, ema=ema)
@@ -36,5 +45,31 @@ def evaluate_workdir(workdir, config=None, *, names=None, output=None, ema=True,
   results = evaluators.run_evaluators(ctx, weights, plan)
   meta = dict(workdir=os.path.abspath(workdir), model=config.model, method=config.get('method'),
               dataset=config.data.dataset, ema=ema, checkpoint_fingerprint=fp)
-  report.write_outputs(output or os.path.join(workdir, 'eval'), meta, results)
+  write_report(output or os.path.join(workdir, 'eval'), meta, results)
   return meta, results
+
+
+def write_report(output, meta, results):
+  """report.write_outputs into a temporary directory, then moved into `output` file by file: a
+  failed write (e.g. a full disk) is one cli.WriteError and leaves no half-written file, nor the
+  directories it made (an existing `output` keeps its earlier files)."""
+  if jax.process_index() != 0:
+    return
+  output = top = os.path.abspath(output)
+  while not os.path.exists(os.path.dirname(top)):
+    top = os.path.dirname(top)
+  created, tmp = not os.path.exists(output), None
+  with cli.writing('the evaluation report', output):
+    try:
+      os.makedirs(output, exist_ok=True)
+      tmp = tempfile.mkdtemp(prefix='.tmp-', dir=output)
+      report.write_outputs(tmp, meta, results)
+      for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(output, name))
+    except BaseException:
+      if created:
+        shutil.rmtree(top, ignore_errors=True)
+      raise
+    finally:
+      if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
