@@ -8,10 +8,8 @@ micro-batch.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -209,59 +207,20 @@ def test_bad_grad_accumulation_steps_exit_2_writing_nothing(tmp_path, value):
   assert not workdir.exists()
 
 
-TINY = ['--config.model_overrides.stages=((1,3,1,1,16),(1,3,2,6,24))',
-        '--config.model_overrides.head_features=64',
-        '--config.model_overrides.depthwise_impl=grouped',
-        '--config.data.image_size=16', '--config.global_batch_size=32', '--config.max_steps=12',
-        '--config.checkpoint_every_steps=4', '--config.log_every_steps=4',
-        '--config.eval_every_epochs=100', '--config.eval_pgd_epsilons_pixels=(4.0,)',
-        '--config.grad_accumulation_steps=2']
-
-
 def final_metrics(workdir):
   with open(os.path.join(workdir, 'final_metrics.json')) as f:
     return json.load(f)
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_with_k2_is_bitwise_identical(tmp_path):
-  args = TINY + [f'--config.data.data_dir={tmp_path / "tfds"}']
-  reference = tmp_path / 'reference'
-  result = run_main(reference, *args)
-  assert result.returncode == 0, result.stderr[-3000:]
-
-  killed = tmp_path / 'killed'
-  cmd = [sys.executable, '-m', 'advprop_jax.main', '--config=configs/demo.py',
-         f'--workdir={killed}', *args]
-  process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
-  deadline = time.time() + 600
-  while not (killed / 'checkpoints' / '8').exists() and process.poll() is None:
-    assert time.time() < deadline
-    time.sleep(0.2)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert not (killed / 'final_metrics.json').exists()
-  resumed = run_main(killed, *args)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resumed' in resumed.stderr
-  assert final_metrics(killed) == final_metrics(reference)  # bitwise equal floats on CPU
-
-  from advprop_jax import checkpoints
-  a, _ = checkpoints.load_inference_variables(str(reference))
-  b, _ = checkpoints.load_inference_variables(str(killed))
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-@pytest.mark.slow
 def test_demo_with_k2_reaches_the_demo_accuracy(tmp_path):
   """The whole demo (30 epochs, global BN on one device) with 2 micro-batches of 32 per step: BN now
-  normalises over 32 images instead of 64; the demo's 97.8 % (README) must still be reached within a
-  few of its 360 test digits."""
+  normalises over 32 images instead of 64; the demo's accuracy must still be reached: README's range
+  for the demo, 98 ± 1.5 % clean top-1 (98.89 % measured at k = 2 on the development machine)."""
   workdir = tmp_path / 'demo'
   result = run_main(workdir, '--config.grad_accumulation_steps=2',
                     f'--config.data.data_dir={tmp_path / "tfds"}', timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   final = final_metrics(workdir)
   assert final['step'] == 673  # the demo's schedule, unchanged by k
-  assert final['ema_clean_top1'] >= 0.95, final
+  assert final['ema_clean_top1'] >= 0.965, final

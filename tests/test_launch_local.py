@@ -109,7 +109,9 @@ def test_processes_stop_when_the_launcher_is_killed(tmp_path):
   finally:
     stop_all(launcher, children)
   for pid, _ in children:
-    assert (tmp_path / str(pid)).read_text() == 'SIGTERM'  # the trainers' cue to save and exit
+    # SIGTERM, the trainers' cue to save and exit; possibly more than once: the kernel sends the
+    # death signal at each reparenting, also from one dying thread of the launcher to another.
+    assert set((tmp_path / str(pid)).read_text().split()) == {'SIGTERM'}
 
 
 def test_processes_that_do_not_exit_are_killed_after_the_grace_period(tmp_path):
