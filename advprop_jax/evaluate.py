@@ -19,7 +19,6 @@ from advprop_jax.eval import evaluators
 from advprop_jax.eval import saved_run
 
 
-
 def define_flags(flag_values: flags.FlagValues) -> None:
   fv = dict(flag_values=flag_values)
   config_flags.DEFINE_config_file('config', None, 'Config file; default: <workdir>/config.json.',

@@ -21,7 +21,6 @@ from advprop_jax.data import input_pipeline
 from advprop_jax.eval import evaluators
 
 
-
 class NonFiniteLossError(RuntimeError):
   pass
 
