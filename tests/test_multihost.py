@@ -132,7 +132,8 @@ def test_both_processes_killed_then_restarted_equals_uninterrupted(two_process_r
   while not (workdir / 'checkpoints' / '8').exists():
     assert launcher.poll() is None and time.time() < deadline
     time.sleep(0.2)
-  os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both training processes
+  # The trainers run in process groups of their own (launch_local): kill each, then the launcher.
+  kill(children_of(launcher.pid) + [launcher.pid])
   launcher.wait()
   assert not (workdir / 'final_metrics.json').exists()
   resumed = launch(str(workdir), data_dir)
