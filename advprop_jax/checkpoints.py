@@ -40,6 +40,7 @@ import signal
 import threading
 import time
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -357,23 +358,25 @@ def _check_fingerprint(saved: dict, current: dict, where: str, schedule_fields=(
         '--allow_schedule_change to continue this run with the new schedule.')
 
 
-def load_inference_variables(workdir: str, *, ema: bool = True, with_step: bool = False):
-  """Newest checkpoint's (EMA) weights as host numpy flax variables, plus its config fingerprint.
+def load_inference_variables(workdir: str, *, ema: bool = True, with_step: bool = False, step=None):
+  """Newest checkpoint's (or `step`'s) (EMA) weights as host numpy flax variables, plus its config
+  fingerprint.
 
   Returns ({'params': ..., 'batch_stats': ..., 'batch_stats_adv': ...}, fingerprint), and the step
   with `with_step`. Needs no mesh and no abstract state: the arrays are restored as np.ndarray
   whatever sharding they were saved with.
   """
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = os.path.join(workdir if '://' in workdir else os.path.abspath(workdir), 'checkpoints')
+  if not epath.Path(directory).is_dir():  # (gs:// too: a watcher on another machine reads it)
     raise FileNotFoundError(f'No checkpoint directory {directory}: was {workdir} used as --workdir '
                             'for training?')
   manager = _manager(directory, read_only=True)
   try:
     steps = _complete_steps(manager)
-    if not steps:
-      raise FileNotFoundError(f'No complete checkpoint in {directory}')
-    step = steps[0]
+    if not steps or (step is not None and step not in steps):
+      which = '' if step is None else f' step {step}'
+      raise FileNotFoundError(f'No complete checkpoint{which} in {directory}')
+    step = steps[0] if step is None else step
     metadata = manager.item_metadata(step)[_STATE]
     metadata = getattr(metadata, 'tree', metadata)
     keys = ('ema_params', 'ema_model_state') if ema else ('params', 'model_state')

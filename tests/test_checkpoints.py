@@ -192,6 +192,11 @@ def test_load_inference_variables(tmp_path, mesh):
   assert_trees_equal(variables, {'params': state.ema_params, **state.ema_model_state})
   raw, _ = checkpoints.load_inference_variables(str(tmp_path), ema=False)
   assert_trees_equal(raw, {'params': state.params, **state.model_state})
+  older = make_state(mesh, seed=5)  # a given step (evaluate --watch): not the newest
+  variables, _ = checkpoints.load_inference_variables(str(tmp_path), step=2)
+  assert_trees_equal(variables, {'params': older.ema_params, **older.ema_model_state})
+  with pytest.raises(FileNotFoundError, match='No complete checkpoint step 4 in'):
+    checkpoints.load_inference_variables(str(tmp_path), step=4)
 
 
 def test_orbax_preemption_signal_requests_a_save(tmp_path, monkeypatch):

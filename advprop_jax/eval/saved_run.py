@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 
+from etils import epath
 import jax
 import ml_collections
 
@@ -20,12 +21,11 @@ def load_config(workdir, config=None):
   """`config`, else the run's workdir/config.json."""
   if config is not None:
     return config
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'  # (gs:// too)
+  if not path.exists():
     raise FileNotFoundError(f'{path} not found: pass --config (the training config of this run)')
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
   except json.JSONDecodeError as e:  # e.g. truncated: name the file, not just the parser's words
     raise ValueError(f'{path}: not valid JSON ({e}); pass --config (the training config of this '
                      'run)') from None
