@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -110,6 +109,11 @@ def _manager(directory: str, *, keep: int = 1, async_save: bool = False,
   return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints; a local WORKDIR made absolute, a gs:// one kept as it is."""
+  return os.path.join(workdir if '://' in str(workdir) else os.path.abspath(workdir), 'checkpoints')
+
+
 class Checkpointer:
   """Saves/restores the TrainState under `<workdir>/checkpoints`. Every process must call every method."""
 
@@ -117,7 +121,7 @@ class Checkpointer:
                async_save: bool = True, schedule_fields=(), allow_schedule_change: bool = False):
     if every_steps <= 0 or keep <= 0:
       raise ValueError(f'every_steps ({every_steps}) and keep ({keep}) must be positive')
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = checkpoint_dir(workdir)
     self.every_steps = every_steps
     self.fingerprint = _jsonable(config_fingerprint)
     self.schedule_fields = tuple(schedule_fields)
@@ -227,12 +231,14 @@ class Checkpointer:
 
   def _remove_partial(self, stale: bool = False):
     """Removes the tmp dirs of unfinished saves (stale: an earlier run's; else ours that failed)."""
-    if jax.process_index() == 0 and os.path.isdir(self.directory):
-      for name in os.listdir(self.directory):
-        if _TMP_MARKER in name:
+    directory = epath.Path(self.directory)  # epath: a gs:// workdir too
+    if jax.process_index() == 0 and directory.is_dir():
+      for child in directory.iterdir():
+        if _TMP_MARKER in child.name:
           if stale:
-            logging.info('Removing stale partial checkpoint %s', name)
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            logging.info('Removing stale partial checkpoint %s', child.name)
+          with contextlib.suppress(OSError):  # orbax ignores it; the next start tries again
+            child.rmtree()
 
   def restore_latest(self, abstract_state, mesh):
     """(state, extra) from the newest checkpoint that restores, replicated on `mesh`; (None, {}) if none.
@@ -277,7 +283,7 @@ class Checkpointer:
                     'previous checkpoint is tried.', step, self.directory,
                     cli.read_failure(error, path), os.path.basename(aside))
     if jax.process_index() == 0:
-      os.rename(path, aside)
+      epath.Path(path).rename(aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'advprop_jax set aside checkpoint {step}')
     self._manager.reload()
@@ -366,7 +372,7 @@ def load_inference_variables(workdir: str, *, ema: bool = True, with_step: bool 
   with `with_step`. Needs no mesh and no abstract state: the arrays are restored as np.ndarray
   whatever sharding they were saved with.
   """
-  directory = os.path.join(workdir if '://' in workdir else os.path.abspath(workdir), 'checkpoints')
+  directory = checkpoint_dir(workdir)
   if not epath.Path(directory).is_dir():  # (gs:// too: a watcher on another machine reads it)
     raise FileNotFoundError(f'No checkpoint directory {directory}: was {workdir} used as --workdir '
                             'for training?')

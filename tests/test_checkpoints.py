@@ -227,3 +227,9 @@ def test_in_flight_async_save_is_finished_at_normal_exit(tmp_path):
   assert out.returncode == 0 and 'saved' in out.stdout, out.stderr[-2000:]
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
   assert os.path.exists(tmp_path / 'checkpoints' / '1' / '_CHECKPOINT_METADATA')
+
+
+def test_checkpoint_dir_keeps_a_bucket_path_and_makes_a_local_one_absolute():
+  # os.path.abspath('gs://b/run') is '<cwd>/gs:/b/run': a pod run would have saved on its VM's disk.
+  assert checkpoints.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
+  assert checkpoints.checkpoint_dir('run') == os.path.join(os.getcwd(), 'run', 'checkpoints')
