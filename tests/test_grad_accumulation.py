@@ -55,12 +55,7 @@ def make_config(**fields):
   c.attack.epsilon_pixels = 4.0
   c.attack.step_size_pixels = 2.0
   c.attack.num_steps = 1
-  for key, value in fields.items():
-    target = c
-    *parents, leaf = key.split('__')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  c.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
   return c
 
 

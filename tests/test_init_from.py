@@ -52,12 +52,7 @@ def settings(data_dir, **extra):
 
 def make_config(values):
   config = config_lib.load_file(os.path.join(ROOT, 'configs', 'finetune.py'), 'b0')
-  for dotted, value in values.items():
-    *parents, leaf = dotted.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(dict(values))
   return config
 
 

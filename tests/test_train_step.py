@@ -22,12 +22,7 @@ def make_config(**fields):
   c.attack.step_size_pixels = 2.0
   c.attack.num_steps = 2
   c.fine_grained_epsilons_pixels = (2.0, 4.0)
-  for k, v in fields.items():
-    target = c
-    *parents, leaf = k.split('__')
-    for p in parents:
-      target = target[p]
-    target[leaf] = v
+  c.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
   return c
 
 
