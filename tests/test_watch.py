@@ -151,6 +151,49 @@ def test_checkpoints_deleted_by_keep_n_are_skipped(tmp_path, monkeypatch, caplog
   assert 'Checkpoint step 6 was deleted (keep_checkpoints) before it was evaluated' in caplog.text
 
 
+def _read_cut_short():
+  """What orbax leaves behind when a checkpoint vanishes mid-restore: a tensorstore read awaited in
+  an event loop that is closed (the restore failed first) and resolves later; returns its promise."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  promise, future = ts.Promise.new()
+
+  async def restore():
+    async def missing_file():
+      raise FileNotFoundError('gone')
+    await asyncio.gather(future, missing_file())
+  loop = asyncio.new_event_loop()
+  with pytest.raises(FileNotFoundError):
+    loop.run_until_complete(restore())
+  loop.close()
+  return promise
+
+
+def test_a_read_cut_short_by_keep_n_prints_no_traceback(tmp_path, monkeypatch):
+  _save(tmp_path, 2, 4)
+  _finish(tmp_path, 4)
+  _prepare_out(tmp_path)
+  printed = []  # what Python's hook would print (a traceback each)
+  monkeypatch.setattr(sys, 'unraisablehook', lambda u: printed.append(str(u.exc_value)))
+  _read_cut_short().set_result(0)  # control: outside the watcher it reaches the hook
+  assert printed == ['Event loop is closed']
+
+  load = checkpoints.load_inference_variables
+
+  def cut_short(workdir, **kwargs):  # step 2 deleted by the run while its arrays are read
+    if kwargs['step'] != 2:
+      return load(workdir, **kwargs)
+    shutil.rmtree(tmp_path / 'checkpoints' / '2')
+    _read_cut_short().set_result(0)
+    raise FileNotFoundError('gone')
+  monkeypatch.setattr(checkpoints, 'load_inference_variables', cut_short)
+  fake = FakeEvaluator()
+  assert _watcher(tmp_path, fake).run() == 0 and fake.steps == [4]
+  assert printed == ['Event loop is closed']  # none from the watcher's cut-short read
+  _read_cut_short().set_result(0)  # and the previous hook is back afterwards
+  assert printed == ['Event loop is closed'] * 2
+
+
 def test_waits_for_the_run_and_detects_its_final_checkpoint(tmp_path):
   """Started before the run wrote anything; final_metrics.json names step 4 before its checkpoint is
   listed here: the watcher waits for it, evaluates it and stops."""

@@ -20,6 +20,7 @@ status 1.
 import json
 import logging
 import os
+import sys
 import time
 
 from clu import metric_writers
@@ -190,6 +191,7 @@ class Watcher:
       logging.info('Watching %s for checkpoints (every %g s); records go to %s', self.workdir,
                    self.poll_seconds, self.out)
     idle_since = self.clock()
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _drop_aborted_reads(sys.unraisablehook)
     try:
       while True:
         action = _agree(self._decide(idle_since))
@@ -210,6 +212,7 @@ class Watcher:
         self._evaluate(action)
         idle_since = self.clock()  # a checkpoint appeared (even if keep-N took it): the run lives
     finally:
+      sys.unraisablehook = previous_hook
       self.steps.close()
 
   def _load(self, step: int):
@@ -253,6 +256,19 @@ class Watcher:
     self.last = step
     logging.info('step %d evaluated (%.1f s): %s', step, record['seconds'], ', '.join(
         f'{k} {v:.4f}' for k, v in record['scalars'].items() if k.endswith('top1'))[:300])
+
+
+def _drop_aborted_reads(hook):
+  """`hook` without the noise of a read that keep-N cut short. A checkpoint deleted while it is read
+  fails orbax's restore at the first missing file and orbax closes the restore's event loop; the
+  tensorstore reads still in flight then call back into the closed loop as they end, each printing
+  'RuntimeError: Event loop is closed' with a traceback as an unraisable exception. _load says
+  what happened in one line; those, and nothing else, are dropped while the watcher runs."""
+  def drop_aborted_reads(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      hook(unraisable)
+  return drop_aborted_reads
 
 
 def _wait_for_config(workdir, config, poll_seconds, timeout_seconds):
