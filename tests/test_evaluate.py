@@ -67,6 +67,27 @@ def test_corruptions_deterministic_uint8(name):
     corruptions.corrupt(image, name, 6, seed)
 
 
+def test_cifar10_c_constants_are_make_cifar_c_and_milder_than_imagenet_c():
+  flat = tf.fill([32, 32, 3], tf.constant(128, tf.uint8))
+  for constants, sigma in (('imagenet_c', .08), ('cifar10_c', .04)):  # gaussian_noise, severity 1
+    noisy = corruptions.corrupt(flat, 'gaussian_noise', 1, [0, 1], constants).numpy() / 255.
+    assert abs(np.std(noisy) - sigma) < .1 * sigma, (constants, np.std(noisy))
+  image = tf.constant(np.random.default_rng(1).integers(0, 256, [32, 32, 3]), tf.uint8)
+  x = image.numpy() / 255.
+  mean = x.mean(axis=(0, 1), keepdims=True)
+  for severity, c in zip(corruptions.SEVERITIES, (.75, .5, .4, .3, .15)):  # make_cifar_c.py
+    out = corruptions.corrupt(image, 'contrast', severity, [0, 0], 'cifar10_c').numpy()
+    np.testing.assert_allclose(out, np.round(((x - mean) * c + mean) * 255), atol=1)
+  for name in corruptions.CORRUPTIONS:
+    for severity in corruptions.SEVERITIES:
+      seed = corruptions.corruption_seed(0, name, severity, 3)
+      change = {k: np.abs(corruptions.corrupt(image, name, severity, seed, k).numpy() / 255. - x)
+                .mean() for k in corruptions.SEVERITY_CONSTANTS}
+      assert 0 < change['cifar10_c'] < change['imagenet_c'], (name, severity, change)
+  with pytest.raises(ValueError, match='cifar10_c'):
+    corruptions.corrupt(image, 'contrast', 1, [0, 0], 'cifar10')
+
+
 @pytest.fixture(scope='module')
 def digits_ctx(tmp_path_factory):
   from configs import demo

@@ -16,9 +16,11 @@ from advprop_jax.data import preprocessing
 
 def corrupted_eval_dataset(data_config, *, corruption: str, severity: int, seed: int,
                            per_process_batch_size: int, split: Optional[str] = None,
-                           max_examples: Optional[int] = None) -> tf.data.Dataset:
+                           max_examples: Optional[int] = None,
+                           constants: str = 'imagenet_c') -> tf.data.Dataset:
   """The eval split with `corruption` applied on the fly: eval crop + resize -> uint8 -> corrupt
-  (ImageNet-C corrupts the 224 center crop). Same padded/masked batches of pixels as eval_dataset."""
+  (ImageNet-C corrupts the 224 center crop) with the severity `constants` (corruptions.py). Same
+  padded/masked batches of pixels as eval_dataset."""
   split = split or data_config.eval_split
   if max_examples:
     split = f'{split}[:{int(max_examples)}]'
@@ -32,8 +34,9 @@ def corrupted_eval_dataset(data_config, *, corruption: str, severity: int, seed:
     image = preprocessing.decode_and_crop(ex['image'], lambda s: preprocessing.center_crop_window(
         s[0], s[1], size, data_config.crop_fraction))
     image = tf.cast(tf.round(preprocessing.resize(image, size, data_config.resize_method)), tf.uint8)
-    image = corruptions.corrupt(image, corruption, severity,
-                                corruptions.corruption_seed(seed, corruption, severity, index + offset))
+    image = corruptions.corrupt(
+        image, corruption, severity,
+        corruptions.corruption_seed(seed, corruption, severity, index + offset), constants)
     return {'image': tf.ensure_shape(tf.cast(image, tf.float32), [size, size, 3]),
             'label': tf.cast(ex['label'], tf.int32), 'mask': tf.constant(1.0)}
 
