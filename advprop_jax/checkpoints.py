@@ -46,6 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from advprop_jax import best_checkpoint
 from advprop_jax import cli
 
 _STATE, _EXTRA, _FINGERPRINT = 'state', 'extra', 'fingerprint'
@@ -93,12 +94,13 @@ def _complete_steps(manager: ocp.CheckpointManager) -> list:
   return steps
 
 
-def _manager(directory: str, *, keep: int = 1, async_save: bool = False,
-             read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory: str, *, keep: int = 1, async_save: bool = False, read_only: bool = False,
+             keep_best_by=None) -> ocp.CheckpointManager:
   # Read-only (inference) managers read 'state' with the PyTree handler (restore as numpy, no target).
   state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
+  preservation, best_fn, best_mode = best_checkpoint.policy(keep, keep_best_by)
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+      preservation_policy=preservation, best_fn=best_fn, best_mode=best_mode,
       enable_async_checkpointing=async_save,
       create=not read_only,
       read_only=read_only,
@@ -118,7 +120,8 @@ class Checkpointer:
   """Saves/restores the TrainState under `<workdir>/checkpoints`. Every process must call every method."""
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int, config_fingerprint: dict,
-               async_save: bool = True, schedule_fields=(), allow_schedule_change: bool = False):
+               async_save: bool = True, schedule_fields=(), allow_schedule_change: bool = False,
+               keep_best_by=None):
     if every_steps <= 0 or keep <= 0:
       raise ValueError(f'every_steps ({every_steps}) and keep ({keep}) must be positive')
     self.directory = checkpoint_dir(workdir)
@@ -126,11 +129,13 @@ class Checkpointer:
     self.fingerprint = _jsonable(config_fingerprint)
     self.schedule_fields = tuple(schedule_fields)
     self.allow_schedule_change = allow_schedule_change
-    self._manager = _manager(self.directory, keep=keep, async_save=async_save)
+    # keep_best_by: the best step by this metric is kept too (best_checkpoint.py).
+    self._manager = _manager(self.directory, keep=keep, async_save=async_save,
+                             keep_best_by=keep_best_by)
     self._sigterm = False
     self._stop_signal = None  # name of the signal that asked this process to stop
     self._orbax_preempted = False
-    self._cleaned_tmp = False
+    self._cleaned_tmp, self._failed = False, False
     self._in_flight = None  # the step of the save started last (async: maybe still being written)
     self._closed = False
     self._previous_handlers = {}
@@ -176,8 +181,10 @@ class Checkpointer:
       self._orbax_preempted = True
     return step % self.every_steps == 0 or self.preempted
 
-  def save(self, step: int, state, extra: dict, *, force: bool = False) -> bool:
-    """Starts an (async) save of `state` + `extra` at `step`; False when skipped (not due, or exists)."""
+  def save(self, step: int, state, extra: dict, *, force: bool = False, metrics=None) -> bool:
+    """Starts an (async) save of `state` + `extra` at `step`; False when skipped (not due, or
+    exists). metrics: {keep_best_by: value} of this state, which ranks it for the best
+    checkpoint."""
     step = int(step)
     if not (force or self.should_save(step)):
       return False
@@ -194,7 +201,7 @@ class Checkpointer:
           _STATE: ocp.args.StandardSave(state),
           _EXTRA: ocp.args.JsonSave(_jsonable(extra)),
           _FINGERPRINT: ocp.args.JsonSave(self.fingerprint),
-      }), force=True)
+      }), force=True, **({} if metrics is None else {'metrics': metrics}))
 
   @contextlib.contextmanager
   def _write_errors(self):
@@ -205,7 +212,7 @@ class Checkpointer:
     except (KeyboardInterrupt, CheckpointWriteError):
       raise
     except Exception as e:  # pylint: disable=broad-except  (any failure of the write: one message)
-      step, self._in_flight = self._in_flight, None
+      step, self._in_flight, self._failed = self._in_flight, None, True
       self._remove_partial()
       reason = cli.write_failure_reason(e) or f'{type(e).__name__}: {_first_line(e)}'
       raise CheckpointWriteError(f'cannot write checkpoint step {step} ({self.directory}): '
@@ -237,8 +244,17 @@ class Checkpointer:
         if _TMP_MARKER in child.name:
           if stale:
             logging.info('Removing stale partial checkpoint %s', child.name)
-          with contextlib.suppress(OSError):  # orbax ignores it; the next start tries again
-            child.rmtree()
+          # A failed save's directory may still get files from orbax's other writer threads (the
+          # first failure ends the save, not its writes): rmtree then fails (not empty) and is
+          # retried for a few seconds; close() tries again once orbax has stopped; a directory
+          # left anyway is ignored by orbax and removed at the next start.
+          deadline = time.monotonic() + (0 if stale else 5)
+          while True:
+            with contextlib.suppress(OSError):
+              child.rmtree()
+            if not child.exists() or time.monotonic() > deadline:
+              break
+            time.sleep(0.1)
 
   def restore_latest(self, abstract_state, mesh):
     """(state, extra) from the newest checkpoint that restores, replicated on `mesh`; (None, {}) if none.
@@ -302,6 +318,8 @@ class Checkpointer:
       with self._write_errors():
         self._manager.close()
     finally:
+      if self._failed:  # orbax's threads are done now: what they wrote after the failure goes too
+        self._remove_partial()
       for sig, handler in self._previous_handlers.items():
         signal.signal(sig, handler)
       self._previous_handlers = {}
@@ -365,8 +383,8 @@ def _check_fingerprint(saved: dict, current: dict, where: str, schedule_fields=(
 
 
 def load_inference_variables(workdir: str, *, ema: bool = True, with_step: bool = False, step=None):
-  """Newest checkpoint's (or `step`'s) (EMA) weights as host numpy flax variables, plus its config
-  fingerprint.
+  """Newest checkpoint's (or `step`'s: a number or 'best') (EMA) weights as host numpy flax
+  variables, plus its config fingerprint.
 
   Returns ({'params': ..., 'batch_stats': ..., 'batch_stats_adv': ...}, fingerprint), and the step
   with `with_step`. Needs no mesh and no abstract state: the arrays are restored as np.ndarray
@@ -379,6 +397,8 @@ def load_inference_variables(workdir: str, *, ema: bool = True, with_step: bool 
   manager = _manager(directory, read_only=True)
   try:
     steps = _complete_steps(manager)
+    if steps and step == best_checkpoint.BEST:
+      step = best_checkpoint.best_step(manager, steps)
     if not steps or (step is not None and step not in steps):
       which = '' if step is None else f' step {step}'
       raise FileNotFoundError(f'No complete checkpoint{which} in {directory}')
