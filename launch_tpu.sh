@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# TPU VM launcher for advprop_jax: one command line for any slice (v4-8 ... v4-128, v5litepod-*, v5p-*, v6e-*).
+# TPU VM launcher for advprop_jax: one command line for any slice (v4-8 ... v4-128, v5litepod-*,
+# v5p-*, v6e-*),
+# or N slices joined over the data-centre network (multislice: --accelerator=2xv5litepod-256, a
+# queued resource).
 #
 # Every remote step runs with `--worker=all`, so all hosts of a pod slice get the same code, the same pinned
 # packages and the same training command, started together (the trainer calls jax.distributed.initialize()).
@@ -17,7 +20,9 @@ usage() {
 Usage: launch_tpu.sh <command> [options] [-- extra trainer args]
 
 Commands:
-  create   create the TPU VM (gcloud compute tpus tpu-vm create)
+  create   create the TPU VM (gcloud compute tpus tpu-vm create); N slices
+           (--accelerator=NxTYPE): a queued
+           resource of N nodes (gcloud compute tpus queued-resources create --node-count=N)
   setup    ship the code to every worker, install the pinned requirements.txt + jax[tpu] of the same
            version in REPO_DIR/.venv, then print jax version and device count per worker (fails on mismatch)
   train    kill stale training processes on all workers, then start the SAME trainer command on all workers:
@@ -34,6 +39,10 @@ Options (environment variable in brackets):
   --zone ZONE          e.g. us-central2-b (v4), us-west4-a (v5e)      [ADVPROP_TPU_ZONE]
   --project PROJECT    GCP project (default: gcloud's configured one) [ADVPROP_TPU_PROJECT]
   --accelerator TYPE   e.g. v4-8, v4-32, v4-128, v5litepod-16, v5p-8, v6e-8   [ADVPROP_TPU_ACCELERATOR]
+                       NxTYPE: N slices of TYPE (multislice, v4/v5litepod/v5p/v6e),
+                       e.g. 2xv5litepod-256;
+                       give it to every command (or set the variable): they then drive the queued
+                       resource NAME and its nodes NAME-0 .. NAME-(N-1), every worker of every slice
   --version VERSION    TPU runtime version; default from the accelerator type:
                          v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
                          v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e      [ADVPROP_TPU_VERSION]
@@ -57,6 +66,7 @@ Examples:
   ./launch_tpu.sh setup  --name=ap-b0 --zone=us-central2-b
   ./launch_tpu.sh train  --name=ap-b0 --zone=us-central2-b --config=configs/efficientnet.py:b0 \
       --workdir=gs://BUCKET/advprop/b0 -- --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+  ./launch_tpu.sh create --name=ap-l2 --zone=us-west4-a --accelerator=2xv5litepod-256 --spot
 EOF
 }
 
@@ -185,6 +195,22 @@ require "$ZONE" "--zone (or ADVPROP_TPU_ZONE)"
 [[ "$WORKER" =~ ^[0-9]+$ ]] || usage_error "--worker must be a worker index (0, 1, ...), got: $WORKER"
 [[ -z "$LINES" || "$LINES" =~ ^[0-9]+$ ]] || usage_error "--lines must be a number, got: $LINES"
 [[ "$SPOT" == 1 && "$PREEMPTIBLE" == 1 ]] && usage_error "--spot and --preemptible are exclusive"
+
+# Multislice: --accelerator=NxTYPE is N slices of TYPE (a queued resource of N nodes).
+SLICES=1
+SLICE_TYPE="$ACCELERATOR"
+if [[ "$ACCELERATOR" =~ ^[0-9.]+[xX] ]]; then
+  [[ "$ACCELERATOR" =~ ^([1-9][0-9]*)x((v4|v5litepod|v5e|v5p|v6e)-[1-9][0-9]*)$ ]] \
+    || usage_error "--accelerator=$ACCELERATOR: N slices are NxTYPE with N >= 1 and TYPE" \
+                   "a v4, v5litepod," \
+                   "v5p or v6e accelerator type, e.g. 2xv5litepod-256, 4xv4-32"
+  SLICES="${BASH_REMATCH[1]}"
+  SLICE_TYPE="${BASH_REMATCH[2]}"
+fi
+MULTISLICE=0
+[[ "$SLICES" -gt 1 ]] && MULTISLICE=1
+[[ "$MULTISLICE" == 1 && "$PREEMPTIBLE" == 1 ]] \
+  && usage_error "--preemptible: multislice jobs are queued resources, which take --spot"
 # The repo dir ends up inside remote shell commands: keep it to a plain path.
 [[ "$REPO_DIR" =~ ^[A-Za-z0-9_./~-]+$ ]] || usage_error "--repo-dir must be a plain path, got: $REPO_DIR"
 # A leading ~/ is the remote home; paths are relative to it anyway.
@@ -207,10 +233,29 @@ run() {
   fi
 }
 
-# Run a shell command line on the workers: remote_ssh all|N 'command'.
+# Run a shell command line on the workers: remote_ssh all|N 'command'. Multislice: on every node
+# (slice) of the queued resource for `all`, on the first slice's worker N otherwise.
 remote_ssh() {
   local worker="$1" remote_cmd="$2"
-  run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_COMMON[@]}" --worker="$worker" --command="$remote_cmd"
+  if [[ "$MULTISLICE" == 1 ]]; then
+    local node=0
+    [[ "$worker" == all ]] && node=all
+    run gcloud compute tpus queued-resources ssh "$NAME" "${GCLOUD_COMMON[@]}" --node="$node" \
+      --worker="$worker" --command="$remote_cmd"
+  else
+    run gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_COMMON[@]}" --worker="$worker" \
+      --command="$remote_cmd"
+  fi
+}
+
+# Copy a local file to the home directory of every worker (of every slice): remote_scp FILE DEST.
+remote_scp() {
+  if [[ "$MULTISLICE" == 1 ]]; then
+    run gcloud compute tpus queued-resources scp "$1" "$NAME:$2" "${GCLOUD_COMMON[@]}" \
+      --node=all --worker=all
+  else
+    run gcloud compute tpus tpu-vm scp "$1" "$NAME:$2" "${GCLOUD_COMMON[@]}" --worker=all
+  fi
 }
 
 # Shell-quote all arguments into one string for a remote bash command line.
@@ -255,11 +300,18 @@ kill_training_cmd() {
 cmd_create() {
   require "$ACCELERATOR" "--accelerator (or ADVPROP_TPU_ACCELERATOR), e.g. v4-32"
   if [[ -z "$VERSION" ]]; then
-    VERSION="$(default_version "$ACCELERATOR")" \
+    VERSION="$(default_version "$SLICE_TYPE")" \
       || usage_error "no default runtime version for accelerator '$ACCELERATOR': pass --version"
   fi
   local args=(gcloud compute tpus tpu-vm create "$NAME" "${GCLOUD_COMMON[@]}"
               --accelerator-type="$ACCELERATOR" --version="$VERSION")
+  if [[ "$MULTISLICE" == 1 ]]; then
+    # Multislice needs a queued resource; the platform gives every worker the MEGASCALE_* settings
+    # from which the trainer's jax.distributed.initialize() and mesh find all slices.
+    args=(gcloud compute tpus queued-resources create "$NAME" "${GCLOUD_COMMON[@]}"
+          --accelerator-type="$SLICE_TYPE" --runtime-version="$VERSION" --node-count="$SLICES"
+          --node-prefix="$NAME")
+  fi
   [[ "$SPOT" == 1 ]] && args+=(--spot)
   [[ "$PREEMPTIBLE" == 1 ]] && args+=(--preemptible)
   run "${args[@]}"
@@ -289,7 +341,7 @@ cmd_setup() {
     fi
     tarball="${TMPDIR:-/tmp}/advprop_jax_${head:0:12}.tar.gz"
     run git -C "$SCRIPT_DIR" archive --format=tar.gz -o "$tarball" HEAD
-    run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:advprop_jax_src.tar.gz" "${GCLOUD_COMMON[@]}" --worker=all
+    remote_scp "$tarball" advprop_jax_src.tar.gz
     # Replace the code but keep the venv (reinstalling pinned versions into it is cheap and exact).
     remote="set -e; mkdir -p $repo_q; "
     remote+="find $repo_q -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +; "
@@ -385,7 +437,11 @@ cmd_delete() {
     read -r -p "Delete TPU VM '$NAME' in $ZONE? Local disks of all workers are lost. [y/N] " answer || true
     [[ "$answer" == y || "$answer" == Y || "$answer" == yes ]] || die "not deleted (pass --yes to skip the question)"
   fi
-  run gcloud compute tpus tpu-vm delete "$NAME" "${GCLOUD_COMMON[@]}" --quiet
+  if [[ "$MULTISLICE" == 1 ]]; then
+    run gcloud compute tpus queued-resources delete "$NAME" "${GCLOUD_COMMON[@]}" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$NAME" "${GCLOUD_COMMON[@]}" --quiet
+  fi
 }
 
 if [[ "$DRY_RUN" != 1 ]] && ! command -v gcloud >/dev/null 2>&1; then

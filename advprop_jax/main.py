@@ -6,12 +6,17 @@ checkpoint and exits. Bad flags and config values exit with code 2 and one line 
 before anything is compiled or written; a write that fails (disk full, no permission) with code 3
 and one line naming the file and the newest complete checkpoint; a diverged loss with code 1.
 
-Multi-host: on TPU VMs every process finds the others itself (`--distributed=auto`). Elsewhere start one
+Multi-host: on TPU VMs every process finds the others itself (`--distributed=auto`), across the
+slices
+of a Cloud TPU multislice job too (the mesh then has a slice axis: parallel.py). Elsewhere start one
 process per host (or several on one machine, `python -m advprop_jax.launch_local`) with
 `--distributed=yes --coordinator_address=HOST:PORT --num_processes=N --process_id=I`; SLURM and Open MPI
-jobs need only `--distributed=yes`.
+jobs need only `--distributed=yes`. `--process_is_slice` makes each process a slice of its own (N
+local
+processes stand in for N slices: the multislice code path without TPUs).
 """
 import functools
+import glob
 import logging
 import os
 import sys
@@ -41,13 +46,37 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.', **fv)
   flags.DEFINE_integer('heartbeat_timeout_seconds', 100, 'Multi-host: a process that stops answering '
                        'for this long ends the job (with an error on every other process).', **fv)
+  flags.DEFINE_bool('process_is_slice', False, 'Each process is one slice of a multislice job (its '
+                    'devices a slice: BN groups stay inside it), standing in for TPU slices in '
+                    'local '
+                    'multi-process runs; TPU devices say their slice themselves.', **fv)
   flags.DEFINE_bool('allow_schedule_change', False, 'Resume a run whose checkpoint was written with '
                     'another batch size / learning rate / epochs / seed (refused otherwise).', **fv)
   flags.mark_flags_as_required(['config', 'workdir'], **fv)
 
 
 def _multihost_tpu() -> bool:
-  return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
+  return len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1 or _tpu_slices() > 1
+
+
+def _tpu_slices() -> int:
+  """Slices of a Cloud TPU multislice job (1 elsewhere). Several single-host slices have one worker
+  each, so TPU_WORKER_HOSTNAMES alone would leave each slice training by itself. The count is in
+  MEGASCALE_NUM_SLICES: in the environment, or on a TPU VM in its `tpu-env` metadata, where
+  jax.distributed's own cluster detection reads it."""
+  value = os.environ.get('MEGASCALE_NUM_SLICES')
+  on_tpu_vm = (os.environ.get('TPU_ACCELERATOR_TYPE') or glob.glob('/dev/accel*') or
+               glob.glob('/dev/vfio/[0-9]*'))
+  if value is None and on_tpu_vm:  # ask the VM's metadata server (only a TPU VM has one to ask)
+    try:
+      from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=g-import-not-at-top
+      value = cloud_tpu_cluster.get_tpu_env_value('MEGASCALE_NUM_SLICES')
+    except Exception:  # pylint: disable=broad-except  (no metadata server: not multislice)
+      value = None
+  try:
+    return int(value or 1)
+  except ValueError:
+    return 1
 
 
 def _initialize_distributed(flag_values):
@@ -95,7 +124,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS, exit_at_once_after_s
     final = trainer.train_and_evaluate(
         flag_values.config, flag_values.workdir,
         allow_schedule_change=flag_values.allow_schedule_change,
-        on_stop=_exit_after_stop if exit_at_once_after_stop else None)
+        on_stop=_exit_after_stop if exit_at_once_after_stop else None,
+        process_is_slice=flag_values.process_is_slice)
   except config_lib.ConfigError as e:
     cli.fail(f'Config error: {e}')
   except (checkpoints.CheckpointMismatchError, workdir_lib.WorkdirError) as e:

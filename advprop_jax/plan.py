@@ -1,7 +1,7 @@
 """Compile a config's real training step for a TPU slice on any machine, without a TPU, and project the run.
 
   python -m advprop_jax.plan --config=configs/efficientnet.py:b7 [--topology=v4-32] [--config.x=...]
-      [--output=plans] [--remat=auto|no] [--eval_step] [--utilization=U]
+      [--output=plans] [--remat=auto|no] [--eval_step] [--utilization=U] [--fit]
 
 Needs the TPU compiler: `pip install -r requirements-tpu.txt` (libtpu, on top of requirements.txt). The
 train step (and with --eval_step the eval step) is traced, lowered and compiled for the slice's devices
@@ -14,6 +14,11 @@ exactly as training would run it (plan_core.py), which gives:
     FLOP-bound floor of its wall time and chip-hours at the slice's peak, and the same at a utilisation.
     The default utilisation (8.4 %) is the one implied by a published figure (ANCHOR: EfficientNet-B0's
     350-epoch TF recipe took 23 h on a Cloud TPU v2-8) given our own FLOP count for that run.
+--topology=NxSLICE (`2xv5litepod-256`) compiles for N slices joined over the data-centre network
+(multislice); `dcn-*` collectives are what crosses slices.
+--fit keeps the global batch and picks the smallest gradient accumulation k (then remat) that fits,
+from the first compile's buffer plan and one confirming compile (plan_fit.py); the JSON's
+`grad_accumulation_steps`, `remat`, `slices` are the choice and `train_command` trains with it.
 Writes OUTPUT/<model>-<method>-<topology>.json and .md (one markdown table row); the last line printed
 is one JSON object. Exit 0 when the step compiles (fits or not), 2 for a bad config or slice name
 (or an --output that is not writable), 3 when writing OUTPUT fails (a full disk: nothing half written
@@ -31,6 +36,7 @@ from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import optim
 from advprop_jax import plan_core
+from advprop_jax import plan_fit
 from advprop_jax import topologies
 
 # Training images of datasets whose size is known without reading them (the projection's epochs).
@@ -85,6 +91,8 @@ def _num(value, spec: str, scale: float = 1.0) -> str:
 def markdown_row(r: dict) -> str:
   gib = lambda b: f'{b / 2 ** 30:.1f}' if b else '-'
   fits = 'yes' if r.get('fits') else 'no'
+  if r.get('fits') and (r.get('grad_accumulation_steps', 1) > 1 or 'fit_trials' in r):
+    fits += f' (k={r["grad_accumulation_steps"]}{", remat" if r.get("remat") else ""})'
   if not r.get('fits') and r.get('with_remat', {}).get('fits'):
     fits = 'with remat'
   p = r.get('projection', {})
@@ -119,15 +127,23 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                      **fv)
   flags.DEFINE_integer('train_examples', None, 'Training images per epoch for the projection (default: '
                        f'known for {sorted(KNOWN_TRAIN_EXAMPLES)}).', **fv)
+  flags.DEFINE_bool('fit', False, 'Keep the global batch; choose the smallest gradient '
+                    'accumulation '
+                    '(then remat) whose step fits the slice, and print the command that trains so.',
+                    **fv)
   flags.mark_flags_as_required(['config'], **fv)
 
 
 def run_plan(config, topology: str, *, remat='auto', eval_step=False, utilization=None,
-             train_examples=None) -> dict:
-  """plan_core.plan + the remat retry + the projection; one dict."""
+             train_examples=None, fit=False) -> dict:
+  """plan_core.plan + the remat retry (or with fit, plan_fit's choice) + the projection; one
+  dict."""
   start = time.perf_counter()
-  result = plan_core.plan(config, topology, eval_step=eval_step)
-  if not result.get('fits') and remat == 'auto' and not result['remat']:
+  if fit:
+    result = plan_fit.fit(config, topology, plan_core.plan)
+  else:
+    result = plan_core.plan(config, topology, eval_step=eval_step)
+  if not fit and not result.get('fits') and remat == 'auto' and not result['remat']:
     retry = config.copy_and_resolve_references()
     retry.model_overrides.remat = True
     result['with_remat'] = plan_core.plan(retry, topology)
@@ -165,12 +181,20 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   topologies.compile_only_environment()
   if flag_values.utilization is not None and not 0 < flag_values.utilization <= 1:
     cli.fail(f'--utilization={flag_values.utilization} must be in (0, 1]')
+  if flag_values.fit and flag_values.eval_step:
+    cli.fail('--eval_step with --fit: --fit compiles train steps only; plan the eval step '
+             'without it')
   if flag_values.output:
     cli.check_writable('--output', flag_values.output)  # before compiling (minutes), not after
   try:
     result = run_plan(config, topology, remat=flag_values.remat,
                       eval_step=flag_values.eval_step, utilization=flag_values.utilization,
-                      train_examples=flag_values.train_examples)
+                      train_examples=flag_values.train_examples, fit=flag_values.fit)
+    if flag_values.fit and result.get('fits'):
+      result['train_command'] = plan_fit.train_command(
+          config_flags.get_config_filename(flag_values['config']),
+          config_flags.get_override_values(flag_values['config']), result)
+      result['fit_note'] = plan_fit.micro_batch_note(config, result)
   except config_lib.ConfigError as e:
     cli.fail(f'Config error: {e}')
   except Exception as e:  # pylint: disable=broad-except  (a compile failure that is not out-of-HBM)
@@ -188,6 +212,16 @@ def _report(result: dict, output: str) -> None:
   print(f'{result["model"]} {result["method"]} on {result["topology"]} ({result["devices"]} devices, '
         f'{result["processes"]} hosts): {gib / 2 ** 30:.2f} GiB per core of {hbm:.2f} -> '
         f'{"fits" if result.get("fits") else "does NOT fit"}')
+  if 'fit_trials' in result:
+    tried = ', '.join(f'k={t["grad_accumulation_steps"]}{" remat" if t["remat"] else ""}: '
+                      f'{"fits" if t["fits"] else "no"}' for t in result['fit_trials'])
+    print(f'  --fit compiled {len(result["fit_trials"])} time(s) ({tried})')
+    if result.get('fits'):
+      print(f'  FIT: grad_accumulation_steps={result["grad_accumulation_steps"]}, remat='
+            f'{result["remat"]}, {result["slices"]} slice(s); {result["fit_note"]}\n'
+            f'  train with: {result["train_command"]}')
+    else:
+      print(f'  {result["fit_failure"]}')
   if 'with_remat' in result:
     remat = result['with_remat']
     remat_gib = (remat.get('per_core_bytes') or remat.get('temp_bytes_required', 0)) / 2 ** 30

@@ -1,7 +1,8 @@
 """Compile a config's real train (and eval) step for a TPU slice on a machine without a TPU, and measure it.
 
 `plan(config, 'v4-32')` builds the slice's devices from libtpu (advprop_jax.topologies), the
-(replica, bn) mesh over them (TF's BN-group rule), the model, optimizer and TrainState as abstract
+(slice, replica, bn) mesh over them (TF's BN-group rule; `2xv4-32`: two slices, BN groups inside
+each), the model, optimizer and TrainState as abstract
 arrays (replicated) and the batch (sharded over the data axes), then traces, lowers and compiles the
 step ahead of time. From the compiled program it reads XLA's per-device buffer plan, the FLOPs, and the
 cross-device collectives. Nothing runs and no array is allocated: the cost is the compile (host CPU/RAM).
@@ -34,6 +35,10 @@ _COLLECTIVE = re.compile(r'=\s*(?P<type>.*?)\s(?P<op>all-reduce|all-gather|reduc
                          r'collective-permute|collective-broadcast)(?:-start)?\(')
 _GROUPS_IOTA = re.compile(r'replica_groups=\[(\d+),(\d+)\]<=')
 _GROUPS_LIST = re.compile(r'replica_groups=\{\{([\d,]*)\}')
+# Multislice: libtpu compiles one slice's program; what crosses slices (over the data-centre
+# network,
+# DCN) is a `send` to the megascale runtime that names the collective it implements.
+_MEGASCALE = re.compile(r'=\s*(?P<type>.*?)\ssend\(.*_xla_megascale_transfer_type="(?P<kind>\w+)"')
 _ARRAY = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
 _BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
 
@@ -47,16 +52,31 @@ def tree_bytes(tree) -> int:
   return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def collectives(hlo_text: str, num_devices: int) -> dict:
+def _array_bytes(type_text: str) -> int:
+  return sum(_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d)
+             for t, dims in _ARRAY.findall(type_text))
+
+
+def collectives(hlo_text: str, num_devices: int, num_slices: int = 1) -> dict:
   """Cross-device ops of a compiled HLO module, by kind and group size, with their result bytes.
 
   Counted statically: an op inside a while loop (PGD iterations) executes once per iteration but is
   listed once. XLA combines small all-reduces, so the gradient mean is a few large all-reduces, not one
   per parameter. Group size num_devices = over every device (gradients, running statistics, metrics);
-  smaller groups are BatchNorm groups.
+  smaller groups are BatchNorm groups. Multislice (num_devices = those of ONE slice: the program is
+  per slice): a reduction over every device is an all-reduce over the slice followed by the
+  cross-slice
+  exchange, listed as `dcn-<kind>/<num_slices>` (e.g. dcn-all-reduce/2) with the bytes each device
+  sends.
   """
   found = collections.defaultdict(lambda: dict(count=0, bytes=0))
   for line in hlo_text.splitlines():
+    dcn = _MEGASCALE.search(line)
+    if dcn:
+      entry = found[f'dcn-{dcn.group("kind").lower().replace("_", "-")}/{num_slices}']
+      entry['count'] += 1
+      entry['bytes'] += _array_bytes(dcn.group('type'))
+      continue
     match = _COLLECTIVE.search(line)
     if not match or '-done(' in line:
       continue
@@ -67,8 +87,7 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
       group = len(listed.group(1).split(',')) if listed.group(1) else num_devices
     else:
       group = num_devices  # no replica_groups (e.g. collective-permute): over the whole program
-    size = sum(_BYTES[t] * math.prod(int(d) for d in dims.split(',') if d)
-               for t, dims in _ARRAY.findall(match.group('type')))
+    size = _array_bytes(match.group('type'))
     if match.group(0).rstrip('(').endswith('-start'):
       size //= 2  # an async start's result tuple holds the operand and the result
     entry = found[f'{match.group("op")}/{group}']
@@ -94,7 +113,8 @@ def _no_persistent_cache_write():
     jax.config.update(name, old)
 
 
-def compile_and_measure(step_fn, args, *, num_devices: int, hbm_bytes_per_device=None) -> dict:
+def compile_and_measure(step_fn, args, *, num_devices: int, hbm_bytes_per_device=None,
+                        num_slices: int = 1) -> dict:
   """trace + lower + compile `step_fn(*args)` ahead of time; XLA's buffer plan, FLOPs, collectives.
 
   Per device (the step is SPMD): argument/output/alias/temp bytes from memory_analysis();
@@ -118,7 +138,7 @@ def compile_and_measure(step_fn, args, *, num_devices: int, hbm_bytes_per_device
            + plan_bytes['temp_bytes'])
   result = dict(plan_bytes, per_core_bytes=total, trace_lower_s=t1 - t0, compile_s=t2 - t1,
                 flops_per_device=flops_lib.xla_flops(compiled),
-                collectives=collectives(compiled.as_text(), num_devices))
+                collectives=collectives(compiled.as_text(), num_devices // num_slices, num_slices))
   if hbm_bytes_per_device:
     result.update(hbm_bytes_per_core=hbm_bytes_per_device, fits=total <= hbm_bytes_per_device)
   return result
@@ -143,15 +163,21 @@ def plan_train_step(model, tx, config, mesh, lr_fn, *, hbm_bytes_per_device=None
   step = step_lib.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
   devices = mesh.devices.size
   result = compile_and_measure(step, (state, batch, rng), num_devices=devices,
-                               hbm_bytes_per_device=hbm_bytes_per_device)
+                               hbm_bytes_per_device=hbm_bytes_per_device,
+                               num_slices=parallel.num_slices(mesh))
   n = factories.loader_batch_size(config)
   # HloCostAnalysis counts the PGD fori_loop body once: add iterations 2..K (forward + input gradient).
   pgd_extra = flops_lib.attack_loop_flops(model, config, state.params, state.model_state, n // devices)
+  # It also counts the k micro-batches' scan body once (gradient accumulation): k times that, which
+  # counts the one optimizer update k times too (a few FLOPs per parameter: negligible).
+  k = int(config.grad_accumulation_steps)
   result.update(num_params=sum(math.prod(a.shape) for a in jax.tree.leaves(state.params)),
                 param_bytes=tree_bytes(state.params),
                 replicated_state_bytes=tree_bytes(state), batch_bytes_per_core=tree_bytes(batch) // devices,
                 pgd_extra_flops_per_device=pgd_extra,
-                flops_per_step=(result['flops_per_device'] + pgd_extra) * devices)
+                hlo_flops_per_device=result['flops_per_device'],
+                flops_per_device=result['flops_per_device'] * k)
+  result['flops_per_step'] = (result['flops_per_device'] + pgd_extra) * devices
   result['flops_per_image'] = result['flops_per_step'] / n
   return result
 
@@ -169,7 +195,8 @@ def plan_evaluation(model, config, mesh, *, hbm_bytes_per_device=None) -> dict:
                     'mask': jax.ShapeDtypeStruct((n,), jnp.float32)}, parallel.batch_sharding(mesh))
   step = make_eval_step(model, mesh, num_classes=config.num_classes)
   result = compile_and_measure(step, (params, model_state, batch), num_devices=mesh.devices.size,
-                               hbm_bytes_per_device=hbm_bytes_per_device)
+                               hbm_bytes_per_device=hbm_bytes_per_device,
+                               num_slices=parallel.num_slices(mesh))
   result['flops_per_image'] = result['flops_per_device'] * mesh.devices.size / n
   return result
 
@@ -199,7 +226,7 @@ def plan(config, topology: str, *, eval_step: bool = False) -> dict:
   not change the program's shape, memory or FLOPs, so a nominal steps-per-epoch builds it.
   """
   tpu = topologies.parse(topology)
-  config_lib.validate(config, tpu.devices, tpu.processes)
+  config_lib.validate(config, tpu.devices, tpu.processes, tpu.slices)
   devices = topologies.slice_devices(tpu)
   mesh = parallel.create_mesh(config.bn_group_size, devices=devices)
   model = factories.build_model(config, platform=devices[0].platform)
@@ -208,6 +235,7 @@ def plan(config, topology: str, *, eval_step: bool = False) -> dict:
   result = dict(tpu.describe(), model=config.model, method=config.method, dtype=config.dtype,
                 image_size=config.data.image_size, global_batch=n, per_process_batch=n // tpu.processes,
                 per_core_batch=n // tpu.devices, bn_group_size=int(mesh.shape[parallel.BN_AXIS]),
+                grad_accumulation_steps=int(config.grad_accumulation_steps),
                 depthwise_impl=getattr(model, 'depthwise_impl', None),
                 remat=bool(getattr(model, 'remat', False)), peak_flops_per_core=tpu.peak_flops_per_device)
   hbm = tpu.usable_hbm_bytes_per_device

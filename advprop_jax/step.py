@@ -1,7 +1,8 @@
 """The train state and the compiled data-parallel train step (TF-free).
 
-The step is `jax.jit` of a `jax.shard_map` over the (replica, bn) mesh of parallel.py: each device runs
-the per-shard program (the pmapped step of the reference, with the same collective semantics), and the
+The step is `jax.jit` of a `jax.shard_map` over the (slice, replica, bn) mesh of parallel.py: each
+device runs the per-shard program (the pmapped step of the reference, with the same collective
+semantics), and the
 state is replicated. State buffers are donated. The evaluation step is eval/step.py.
 """
 import functools

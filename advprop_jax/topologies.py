@@ -17,6 +17,12 @@ unless told (`chips_per_host_bounds`), so 1- and 8-chip v5e/v6e slices pass thei
 Only the standard slice shapes (power-of-two chip counts, the most cube-like shape) are parsed from an
 accelerator type; any other shape can be given as a topology, e.g. `v4:2x2x3`.
 
+Multislice: `NxSLICE` (`2xv5litepod-256`, `4xv4-32`, `2xv5e:2x2`) is N such slices joined over the
+data-centre network (Cloud TPU multislice: v4, v5e, v5p, v6e). Its devices and processes are those
+of
+all N slices, numbered slice by slice; libtpu builds them with `num_slices=N`, each device carrying
+its `slice_index`.
+
 This module imports nothing heavy: jax is imported inside slice_devices only.
 """
 import dataclasses
@@ -82,7 +88,10 @@ _BY_PREFIX = {c.accelerator_prefix: c for c in CHIPS.values()}
 _BY_PREFIX['v5e'] = CHIPS['v5e']  # 'v5e-16' is a common spelling of v5litepod-16
 
 ACCEPTED_FORMS = ('v2-8, v3-32, v4-32, v5p-8 (N TensorCores), v5litepod-16 / v5e-16, v6e-8 (N chips), '
-                  'or a topology <v2|v3|v4|v5p|v5e|v6e>:<AxB or AxBxC> such as v4:2x2x4')
+                  'or a topology <v2|v3|v4|v5p|v5e|v6e>:<AxB or AxBxC> such as v4:2x2x4; N slices '
+                  '(multislice, v4/v5e/v5p/v6e): <N>x<slice> such as 2xv5litepod-256, 4xv4-32')
+MULTISLICE_GENERATIONS = ('v4', 'v5e', 'v5p', 'v6e')  # Cloud TPU multislice supports these
+MAX_SLICES = 1024  # a bound on N that no real job reaches: 100000xv4-8 is a typo, not a plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +99,17 @@ class Slice:
   name: str  # as given
   chip: Chip
   shape: Tuple[int, ...]  # chips along each torus axis
-  devices: int  # JAX devices of the whole slice
-  processes: int  # hosts = JAX processes
+  devices: int  # JAX devices of the whole slice (of all slices)
+  processes: int  # hosts = JAX processes (of all slices)
+  slices: int = 1  # multislice: N slices of this shape
 
   @property
   def chips(self) -> int:
-    return math.prod(self.shape)
+    return math.prod(self.shape) * self.slices
+
+  @property
+  def processes_per_slice(self) -> int:
+    return self.processes // self.slices
 
   @property
   def topology(self) -> str:
@@ -123,7 +137,7 @@ class Slice:
     kwargs = {}
     if self.chip.generation == 'v4':
       kwargs['chip_config_name'] = 'megacore'  # libtpu's v4 default is a device per core
-    if self.processes == 1 and self.chips != self.chip.chips_per_host:
+    if self.processes_per_slice == 1 and math.prod(self.shape) != self.chip.chips_per_host:
       # A v5e/v6e VM of 1 or 8 chips: one host holds the slice (libtpu assumes 2x2 chips per host).
       kwargs['chips_per_host_bounds'] = tuple(self.shape) + (1,) * (3 - len(self.shape))
     return kwargs
@@ -131,6 +145,7 @@ class Slice:
   def describe(self) -> dict:
     return dict(topology=self.name, libtpu_topology=self.topology, device_kind=self.chip.device_kind,
                 chips=self.chips, devices=self.devices, processes=self.processes,
+                slices=self.slices,
                 hbm_bytes_per_device=self.hbm_bytes_per_device,
                 usable_hbm_bytes_per_device=self.usable_hbm_bytes_per_device,
                 peak_flops_per_device=self.peak_flops_per_device)
@@ -163,8 +178,26 @@ def _make(name: str, chip: Chip, shape: Tuple[int, ...]) -> Slice:
 
 
 def parse(name: str) -> Slice:
-  """A slice from an accelerator type ('v4-32') or a topology ('v4:2x2x4'); ValueError otherwise."""
+  """A slice from an accelerator type ('v4-32') or a topology ('v4:2x2x4'), or N of them
+  ('2xv5litepod-256'); ValueError otherwise."""
   text = name.strip().lower()
+  match = re.fullmatch(r'(\d+)x(v.*)', text)
+  if match:
+    count = int(match.group(1))
+    if not 1 <= count <= MAX_SLICES:
+      raise _bad(name, f'the number of slices must be 1 to {MAX_SLICES}')
+    one = _parse_one(name, match.group(2))
+    if one.chip.generation not in MULTISLICE_GENERATIONS:
+      raise _bad(name, f'multislice needs {"/".join(MULTISLICE_GENERATIONS)} slices')
+    return dataclasses.replace(one, devices=one.devices * count, processes=one.processes * count,
+                               slices=count)
+  if re.fullmatch(r'[\d.]+\s*x.*', text):  # '2.5xv4-8', '2x', '2 x v4-8'
+    raise _bad(name, 'N slices are <N>x<slice> with a whole N and a slice name')
+  return _parse_one(name, text)
+
+
+def _parse_one(name: str, text: str) -> Slice:
+  """One slice from its lower-cased name `text` (errors name the whole `name`)."""
   match = re.fullmatch(r'(v\d+[a-z]*)-(\d+)', text)
   if match:
     prefix, count = match.group(1), int(match.group(2))
@@ -218,14 +251,19 @@ def slice_devices(tpu_slice: Slice) -> list:
   the table: device and process counts and the device kind.
   """
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  kwargs = tpu_slice.topology_kwargs()
+  if tpu_slice.slices > 1:
+    kwargs['num_slices'] = tpu_slice.slices
   devices = list(topologies.get_topology_desc(topology_name=tpu_slice.topology, platform='tpu',
-                                              **tpu_slice.topology_kwargs()).devices)
+                                              **kwargs).devices)
   processes = {d.process_index for d in devices}
   kinds = {d.device_kind for d in devices}
-  if (len(devices), len(processes), kinds) != (tpu_slice.devices, tpu_slice.processes,
-                                               {tpu_slice.chip.device_kind}):
-    raise RuntimeError(f'libtpu describes {tpu_slice.topology} as {len(devices)} devices of {kinds} '
-                       f'on {len(processes)} processes; advprop_jax.topologies expects '
-                       f'{tpu_slice.devices} of {tpu_slice.chip.device_kind!r} on '
-                       f'{tpu_slice.processes}')
+  slices = {getattr(d, 'slice_index', 0) for d in devices}
+  if (len(devices), len(processes), kinds, len(slices)) != (
+      tpu_slice.devices, tpu_slice.processes, {tpu_slice.chip.device_kind}, tpu_slice.slices):
+    raise RuntimeError(f'libtpu describes {tpu_slice.name} as {len(devices)} devices of {kinds} '
+                       f'on {len(processes)} processes in {len(slices)} slice(s); '
+                       f'advprop_jax.topologies expects {tpu_slice.devices} of '
+                       f'{tpu_slice.chip.device_kind!r} on {tpu_slice.processes} in '
+                       f'{tpu_slice.slices}')
   return devices

@@ -73,7 +73,7 @@ def one_device():
   create_mesh = parallel.create_mesh
   with pytest.MonkeyPatch.context() as patch:
     one = jax.devices()[:1]
-    patch.setattr(parallel, 'create_mesh', lambda bn_group_size=0, devices=None: create_mesh(
+    patch.setattr(parallel, 'create_mesh', lambda bn_group_size=0, devices=None, **_: create_mesh(
         bn_group_size, one))
     yield
 

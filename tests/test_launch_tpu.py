@@ -333,3 +333,74 @@ def test_ambiguous_dry_run_exits_2_without_gcloud(fake_gcloud, args):
   assert proc.returncode == 2, (proc.stdout, proc.stderr)
   assert not record.exists()
   assert 'error' in proc.stderr and not proc.stdout.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Multislice (#28): --accelerator=NxTYPE is a queued resource of N nodes, driven on every node
+# --------------------------------------------------------------------------------------------------
+MULTI = [*BASE, '--accelerator=2xv5litepod-16']
+
+
+def test_multislice_create_is_a_queued_resource_with_a_node_count():
+  [cmd] = commands('create', *MULTI, '--spot')
+  assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'create', 'ap-b0']
+  assert flag(cmd, '--accelerator-type') == 'v5litepod-16'  # one slice's type
+  assert flag(cmd, '--node-count') == '2' and flag(cmd, '--node-prefix') == 'ap-b0'
+  assert flag(cmd, '--runtime-version') == 'v2-alpha-tpuv5-lite' and '--spot' in cmd
+  [cmd] = commands('create', *BASE, '--accelerator=4xv4-32')
+  assert (flag(cmd, '--node-count') == '4'
+          and flag(cmd, '--runtime-version') == 'tpu-ubuntu2204-base')
+  [cmd] = commands('create', *BASE, '--accelerator=1xv4-32')  # one slice: a plain TPU VM
+  assert cmd[4] == 'create' and cmd[3] == 'tpu-vm' and flag(cmd, '--accelerator-type') == '1xv4-32'
+
+
+def test_multislice_train_runs_the_same_trainer_on_every_worker_of_every_slice():
+  cmds = commands('train', *MULTI, f'--config={CONFIG}', f'--workdir={WORKDIR}', '--',
+                  '--config.grad_accumulation_steps=2')
+  assert len(cmds) == 2
+  for c in cmds:
+    assert c[:6] == ['gcloud', 'compute', 'tpus', 'queued-resources', 'ssh', 'ap-b0']
+    assert flag(c, '--node') == 'all' and flag(c, '--worker') == 'all'
+  kill, train = (flag(c, '--command') for c in cmds)
+  assert 'pkill' in kill
+  # No multislice flag: jax.distributed and the mesh come up from the platform's MEGASCALE_*
+  # settings.
+  assert _trainer_argv(train) == ['.venv/bin/python', '-m', 'advprop_jax.main',
+                                  f'--config={CONFIG}',
+                                  f'--workdir={WORKDIR}', '--config.grad_accumulation_steps=2']
+
+
+def test_multislice_setup_status_logs_delete_reach_the_nodes():
+  cmds = gcloud(commands('setup', *MULTI, '--git-url=https://example.com/x.git', '--commit=abc'))
+  assert all(c[3] == 'queued-resources' and flag(c, '--node') == 'all' for c in cmds)
+  env = _env()
+  env['ADVPROP_TPU_ACCELERATOR'] = '2xv5litepod-16'  # set once, for every command
+  proc = subprocess.run(['bash', SCRIPT, 'status', *BASE], capture_output=True, text=True, env=env)
+  [cmd] = [shlex.split(l[2:]) for l in proc.stdout.splitlines()]
+  assert cmd[3:5] == ['queued-resources', 'ssh'] and flag(cmd, '--node') == 'all'
+  [cmd] = commands('logs', *MULTI, '--worker=3')
+  assert flag(cmd, '--node') == '0' and flag(cmd, '--worker') == '3'  # the first slice's worker 3
+  [cmd] = commands('delete', *MULTI, '--yes')
+  assert cmd[3:6] == ['queued-resources', 'delete', 'ap-b0'] and '--force' in cmd
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, '.git')),
+                    reason='setup ships the git HEAD: needs a git checkout')
+def test_multislice_setup_copies_the_code_to_every_node():
+  scp = [c for c in gcloud(commands('setup', *MULTI)) if c[4] == 'scp']
+  assert len(scp) == 1 and scp[0][3] == 'queued-resources' and flag(scp[0], '--node') == 'all'
+  assert flag(scp[0], '--worker') == 'all' and scp[0][6] == 'ap-b0:advprop_jax_src.tar.gz'
+
+
+@pytest.mark.parametrize('accelerator', ['0xv4-8', '2x', '2xv3-32', '2xv4-8x', '1.5xv4-8',
+                                         '2xtpu7-8'])
+def test_malformed_multislice_names_exit_2_before_anything_runs(fake_gcloud, accelerator):
+  env, record = fake_gcloud
+  proc = _run_with(env, 'stop', '--name=n', '--zone=z', f'--accelerator={accelerator}')
+  assert proc.returncode == 2 and not record.exists() and not proc.stdout.strip()
+  assert '--accelerator' in proc.stderr.splitlines()[0]
+
+
+def test_multislice_preemptible_is_refused():
+  proc = run_script('create', *MULTI, '--preemptible', check=False)
+  assert proc.returncode == 2 and '--spot' in proc.stderr

@@ -72,6 +72,26 @@ def test_two_processes_train_end_to_end(two_process_run):
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()) == [4, 8, 12]
 
 
+def test_two_processes_as_two_slices_match_one_slice_with_the_same_bn_groups(tmp_path, data_dir):
+  """Multislice (#28) on CPU: each process a slice, so the mesh has a slice axis of 2 and the
+  gradient mean crosses it. With the same BN groups (per device: the demo's global BN would be one
+  group of 2 on one slice, a group per slice on two) it is the same run. Both start together (the
+  same code, half the wall time)."""
+  runs = {}
+  for name, extra in (('one', ()), ('two', ('--process_is_slice',))):
+    cmd = [sys.executable, '-m', 'advprop_jax.launch_local', '--processes=2', '--', *TINY,
+           f'--workdir={tmp_path / name}', f'--config.data.data_dir={data_dir}',
+           '--config.bn_group_size=1', *extra]
+    runs[name] = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+  out = {name: p.communicate(timeout=1200)[0] for name, p in runs.items()}
+  assert [p.returncode for p in runs.values()] == [0, 0], out['two'][-4000:]
+  meshes = {name: set(re.findall(r"mesh (\{[^}]*\})", text)) for name, text in out.items()}
+  assert meshes == {'one': {"{'slice': 1, 'replica': 2, 'bn': 1}"},  # the same BN groups
+                    'two': {"{'slice': 2, 'replica': 1, 'bn': 1}"}}, meshes
+  assert final(str(tmp_path / 'two')) == final(str(tmp_path / 'one'))
+
+
 def test_evaluated_and_exported_by_one_process(two_process_run, tmp_path):
   workdir, _ = two_process_run
   out = subprocess.run([sys.executable, '-m', 'advprop_jax.evaluate', f'--workdir={workdir}',
