@@ -1,6 +1,7 @@
 """Export a training run's EMA weights (main BatchNorms only) for inference.
 
   python -m advprop_jax.export --workdir=DIR --format=flax|timm|savedmodel --output=PATH   (or advprop-export)
+      [--step=best|N]   (default: the newest complete checkpoint; best: config.keep_best_by's)
 
 * flax:        PATH/ is a directory: config.json (model, model_overrides, num_classes, image_size,
                crop_fraction, normalization, pixel_mean, pixel_std, input_range[, class_names])
@@ -36,6 +37,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 from flax import traverse_util
 
+from advprop_jax import best_checkpoint
 from advprop_jax import checkpoints
 from advprop_jax import cli
 from advprop_jax import config as config_lib
@@ -146,8 +148,9 @@ def check_workdir(workdir: str) -> None:
                     '(config.json, checkpoints/)')
 
 
-def load_inference_variables(workdir: str) -> Tuple[Dict[str, Any], dict]:
-  """(config, variables) of a training workdir: the newest checkpoint's EMA weights, all distributions.
+def load_inference_variables(workdir: str, step=None) -> Tuple[Dict[str, Any], dict]:
+  """(config, variables) of a training workdir: the newest checkpoint's (or `step`'s: a number or
+  'best') EMA weights, all distributions.
 
   What a training workdir must hold is defined here: config.json (run_config) and the newest complete
   checkpoint of checkpoints.load_inference_variables (checkpoints/<step>/state with ema_params,
@@ -155,11 +158,14 @@ def load_inference_variables(workdir: str) -> Tuple[Dict[str, Any], dict]:
   check_workdir(workdir)
   config = run_config(workdir)
   try:
-    variables, _, step = checkpoints.load_inference_variables(workdir, ema=True, with_step=True)
+    variables, _, step = checkpoints.load_inference_variables(workdir, ema=True, with_step=True,
+                                                              step=step)
   except FileNotFoundError as e:
-    raise UserError(f'--workdir={workdir}: {one_line(e)} (train first, or give the run directory)') from None
+    hint = 'train first, or give the run directory' if step is None else 'see checkpoints/'
+    raise UserError(f'--workdir={workdir}: {one_line(e)} ({hint})') from None
   except Exception as e:  # pylint: disable=broad-except  # orbax raises many types for unreadable files
-    raise UserError(f'--workdir={workdir}: cannot read the newest checkpoint '
+    which = 'the newest checkpoint' if step is None else f'checkpoint step {step}'
+    raise UserError(f'--workdir={workdir}: cannot read {which} '
                     f'({cli.read_failure(e, workdir)})') from None
   return dict(config, checkpoint_step=step), variables  # the step is not exported (exported_config)
 
@@ -330,14 +336,15 @@ def export_savedmodel(config, variables, output: str, platforms=('cpu', 'cuda', 
       platforms=platforms, class_names=config.get(CLASS_NAMES_KEY)))
 
 
-def export(workdir: str, fmt: str, output: str, with_step: bool = False, **kwargs):
-  """Exports the run in `workdir` as `fmt` to `output`; returns the absolute output path (with_step:
-  and the step of the checkpoint exported)."""
+def export(workdir: str, fmt: str, output: str, with_step: bool = False, step=None, **kwargs):
+  """Exports the run in `workdir` (its newest checkpoint, or `step`: a number or 'best') as `fmt`
+  to `output`; returns the absolute output path (with_step: and the step of the checkpoint
+  exported)."""
   if fmt not in FORMATS:
     raise UserError(f'--format={fmt}: allowed: {", ".join(FORMATS)}')
   check_workdir(workdir)
   check_output(output, fmt)  # before the (slow) checkpoint read
-  config, variables = load_inference_variables(workdir)
+  config, variables = load_inference_variables(workdir, step)
   writer = {'flax': export_flax, 'timm': export_timm, 'savedmodel': export_savedmodel}[fmt]
   try:
     path = writer(config, variables, output, **kwargs)
@@ -360,6 +367,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                       'timm.', flag_values=flag_values)
   flags.DEFINE_list('platforms', ['cpu', 'cuda', 'tpu'], f'savedmodel: platforms to lower for, '
                     f'of {", ".join(PLATFORMS)}.', flag_values=flag_values)
+  flags.DEFINE_string('step', None, "Checkpoint to export: a step number, or 'best' (the run's "
+                      'config.keep_best_by); default: the newest complete one.',
+                      flag_values=flag_values)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
@@ -371,9 +381,15 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
     if unknown or not flag_values.platforms:
       raise UserError(f'--platforms={",".join(flag_values.platforms)}: allowed: {", ".join(PLATFORMS)}')
     kwargs = dict(platforms=tuple(flag_values.platforms)) if flag_values.format == 'savedmodel' else {}
+    try:
+      wanted = best_checkpoint.parse_step(flag_values.step)
+    except ValueError as e:
+      raise UserError(str(e)) from None
     path, step = export(flag_values.workdir, flag_values.format, flag_values.output, with_step=True,
-                        **kwargs)
-    print(f'Exported {flag_values.workdir} (checkpoint step {step}, the newest complete one) as '
+                        step=wanted, **kwargs)
+    which = {None: 'the newest complete one', best_checkpoint.BEST: 'the best one'}.get(
+        wanted, 'as asked')
+    print(f'Exported {flag_values.workdir} (checkpoint step {step}, {which}) as '
           f'{flag_values.format} to {path}')
   return status[0]
 

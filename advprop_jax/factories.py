@@ -20,7 +20,8 @@ FINGERPRINT_FIELDS = ('model', 'model_overrides', 'method', 'num_classes', 'data
 # The training schedule: changing one of these and resuming would silently continue the run under another
 # schedule (and data order), so it is refused unless explicitly allowed (main.py --allow_schedule_change).
 SCHEDULE_FIELDS = ('global_batch_size', 'base_learning_rate', 'num_epochs', 'warmup_epochs',
-                   'lr_schedule', 'lr_decay_epochs', 'lr_decay_rate', 'lr_boundaries_epochs', 'seed')
+                   'lr_schedule', 'lr_decay_epochs', 'lr_decay_rate', 'lr_boundaries_epochs',
+                   'seed', 'data.minival_examples')  # (the minival: what is trained on, how much)
 
 
 def activation_dtype(config):

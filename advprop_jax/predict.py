@@ -4,6 +4,8 @@
   python -m advprop_jax.predict --checkpoint=model.safetensors image.jpg ...    (export --format=timm output)
   python -m advprop_jax.predict --checkpoint=W.safetensors --model=efficientnet-b3 image.jpg ...
                                          (other timm weights, e.g. tf_efficientnet_b3.ap_in1k or resnet50)
+  python -m advprop_jax.predict --checkpoint=WORKDIR --step=best|N image.jpg ...
+                                         (a training run's checkpoint: EMA weights, as exported)
 (or advprop-predict ...). Eval preprocessing: center crop of crop_fraction x the short side, bicubic resize
 (PIL) to image_size x image_size, per channel (pixels - pixel_mean) / pixel_std. Exports record all of it;
 other weight files get the model's native resolution and crop (models.default_image_size,
@@ -24,6 +26,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
+from advprop_jax import best_checkpoint
 from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import convert
@@ -126,25 +129,41 @@ def _weight_file_config(path: str, model: Optional[str], model_overrides: Option
 
 def load_predictor(checkpoint: str, model: Optional[str] = None, model_overrides: Optional[Dict] = None,
                    num_classes: Optional[int] = None, image_size: Optional[int] = None,
-                   crop_fraction: Optional[float] = None, normalization: Optional[str] = None):
-  """(config, module, variables) from an exported flax directory or a timm weight file.
+                   crop_fraction: Optional[float] = None, normalization: Optional[str] = None,
+                   step=None):
+  """(config, module, variables) from an exported flax directory or a timm weight file, or with
+  `step` (a number or 'best') a training run's checkpoint (its EMA weights, main BN).
 
   image_size / crop_fraction / normalization override the recorded (or default) preprocessing."""
   if not checkpoint:
     raise UserError('--checkpoint is required: an export --format=flax directory or a weight file')
   if not os.path.exists(checkpoint):
     raise UserError(f'--checkpoint={checkpoint}: no such file or directory')
+  if step is not None and not os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
+    raise UserError(f'--step={step}: only for a training run (--checkpoint=WORKDIR); '
+                    f'--checkpoint={checkpoint} is not one')
   if os.path.isdir(checkpoint):
     given = [f for f, v in (('--model', model), ('--model_overrides', model_overrides),
                             ('--num_classes', num_classes)) if v is not None]
     if given:
       raise UserError(f'{", ".join(given)}: only for weight files; --checkpoint={checkpoint} is an export '
                       'directory, whose config.json names the model')
-    if os.path.isdir(os.path.join(checkpoint, 'checkpoints')) and not os.path.isdir(
-        os.path.join(checkpoint, export.VARIABLES_DIR)):
+    run = os.path.isdir(os.path.join(checkpoint, 'checkpoints')) and not os.path.isdir(
+        os.path.join(checkpoint, export.VARIABLES_DIR))
+    if run and step is None:
       raise UserError(f'--checkpoint={checkpoint} is a training run: export it first '
-                      f'(advprop-export --workdir={checkpoint} --format=flax --output=DIR)')
-    config, module, variables = export.load_exported_flax(checkpoint)
+                      f'(advprop-export --workdir={checkpoint} --format=flax --output=DIR), or '
+                      'pass --step=best or --step=N')
+    if run:
+      config, variables = export.load_inference_variables(checkpoint, step)
+      try:
+        module = export.inference_model(config)
+        variables = export.inference_variables(config, variables)
+      except ValueError as e:  # the checkpoint's variables do not fit the model of its config.json
+        raise UserError(f'--checkpoint={checkpoint}: step {config["checkpoint_step"]} does not fit '
+                        f'config.json ({one_line(e)})') from None
+    else:
+      config, module, variables = export.load_exported_flax(checkpoint)
   else:
     config = _weight_file_config(checkpoint, model, model_overrides)
     overrides = dict(config['model_overrides'], distributions=('clean',))
@@ -218,6 +237,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     'minus_one_one for EfficientNet, imagenet for ResNet).', **fv)
   flags.DEFINE_integer('top_k', 5, 'Classes printed per image.', lower_bound=1, **fv)
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.', lower_bound=1, **fv)
+  flags.DEFINE_string('step', None, "With --checkpoint=WORKDIR (a training run): the checkpoint, a "
+                      "step number or 'best' (the run's config.keep_best_by).", **fv)
 
 
 def _overrides(value: Optional[str]) -> Optional[Dict]:
@@ -232,6 +253,13 @@ def _overrides(value: Optional[str]) -> Optional[Dict]:
   return overrides
 
 
+def _step(value):
+  try:
+    return best_checkpoint.parse_step(value)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
   status = [0]
   with cli.user_errors('predict', status):
@@ -242,7 +270,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
       raise UserError(f'--crop_fraction={flag_values.crop_fraction}: must be in (0, 1]')
     config, module, variables = load_predictor(
         flag_values.checkpoint, flag_values.model, _overrides(flag_values.model_overrides),
-        flag_values.num_classes, flag_values.image_size, flag_values.crop_fraction, flag_values.normalization)
+        flag_values.num_classes, flag_values.image_size, flag_values.crop_fraction,
+        flag_values.normalization, _step(flag_values.step))
     print(describe(config), flush=True)
     mean, std = export.pixel_stats(config)
     good, inputs = [], []

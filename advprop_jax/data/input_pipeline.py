@@ -29,6 +29,7 @@ from advprop_jax.data import choices
 from advprop_jax.data import digits  # noqa: F401  (registers the sklearn_digits TFDS builder)
 from advprop_jax.data import image_folder
 from advprop_jax.data import image_folder_tfds
+from advprop_jax.data import minival
 from advprop_jax.data import normalization as normalization_lib
 from advprop_jax.data import preprocessing
 
@@ -105,6 +106,14 @@ def _split_info(builder, split):
 
 def num_examples(data_config, split: str) -> int:
   return _split_info(prepared_builder(data_config), split).num_examples
+
+
+def num_train_examples(data_config) -> int:
+  """What training reads of the train split (without the minival); ValueError for a bad minival."""
+  builder = prepared_builder(data_config)
+  _split_info(builder, data_config.train_split)
+  minival.check(data_config, builder)
+  return _split_info(builder, minival.train_split(data_config, builder)).num_examples
 
 
 def num_classes(data_config) -> int:
@@ -191,8 +200,7 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
   check_choices(data_config)
   pi, pc = _process(process_index, process_count)
   builder = prepared_builder(data_config)
-  _split_info(builder, data_config.train_split)
-  shard = tfds.split_for_jax_process(data_config.train_split, process_index=pi, process_count=pc)
+  shard = train_shard(data_config, builder, pi, pc)
   n = builder.info.splits[shard].num_examples
   if n == 0:
     raise ValueError(f'Process {pi} of {pc} gets no examples of {data_config.train_split!r}.')
@@ -223,6 +231,14 @@ def train_dataset(data_config, *, per_process_batch_size: int, seed: int, start_
     ds = ds.ignore_errors(log_warning=True)  # each skipped record is logged with its error
   ds = ds.batch(per_process_batch_size, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def train_shard(data_config, builder, process_index: int, process_count: int):
+  """The TFDS split process `process_index` trains on: its even share of the train split without
+  the minival (data/minival.py)."""
+  split = minival.train_split(data_config, builder)
+  _split_info(builder, split)
+  return tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
 
 
 def train_example_fn(data_config, augment_key, all_jpeg: bool):
@@ -259,6 +275,7 @@ def eval_dataset(data_config, *, per_process_batch_size: int, split: str | None 
   split = split or data_config.eval_split
   pi, pc = _process(process_index, process_count)
   builder = prepared_builder(data_config)
+  split = minival.resolve(data_config, builder, split)  # minival.SPLIT: the held-out examples
   total = _split_info(builder, split).num_examples
   shard = tfds.split_for_jax_process(split, process_index=pi, process_count=pc)
   n = builder.info.splits[shard].num_examples
