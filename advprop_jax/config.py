@@ -9,6 +9,7 @@ import importlib.util
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from advprop_jax import best_checkpoint
 from advprop_jax import methods
 from advprop_jax import models
 from advprop_jax import optim
@@ -31,7 +32,8 @@ def model_overrides() -> ml_collections.ConfigDict:
       head_features=placeholder(int), depthwise_impl=placeholder(str), remat=placeholder(bool),
       bn_momentum=placeholder(float), bn_epsilon=placeholder(float),
       stage_sizes=placeholder(tuple), base_width=placeholder(int),  # ResNet
-      zero_init_residual=placeholder(bool)))
+      zero_init_residual=placeholder(bool), stem=placeholder(str),  # ResNet
+      stem_stride=placeholder(int)))  # EfficientNet
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -52,7 +54,7 @@ def data_config() -> ml_collections.ConfigDict:
   # eval_preprocessing='timm' it is timm's crop_pct (short side resized to floor(S / crop_fraction);
   # None: S + 32).
   c.crop_fraction = placeholder(float)
-  c.train_crop = 'inception'  # 'inception' | 'resize'
+  c.train_crop = 'inception'  # 'inception' | 'resize' | 'pad_crop' (CIFAR's pad-4 random crop)
   c.random_flip = True
   c.augment = 'autoaugment'  # 'autoaugment' | 'randaugment' | 'none'
   c.randaugment_layers = 2
@@ -72,6 +74,9 @@ def data_config() -> ml_collections.ConfigDict:
   # Solarize(256) inverts every pixel, RandAugment's Contrast blends towards pixel_count/256, Posterize
   # bits > 8 keeps 1 bit) | 'pil' (PIL's definitions for those ops).
   c.augment_semantics = 'tf_reference'
+  # N > 0: the first N examples of train_split are held out of training as the minival
+  # (data/minival.py); the periodic evaluation reports it as minival/... instead of the eval split.
+  c.minival_examples = 0
   return c
 
 
@@ -128,8 +133,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 1024
   c.eval_every_epochs = 10.0
   c.log_every_steps = 100
+  # K > 0: every K steps, TensorBoard images of the step's first training images, their adversarial
+  # versions and the amplified perturbations (image_summaries.py); 0 builds nothing.
+  c.log_images_every_steps = 0
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints = 3
+  # A periodic-evaluation metric (e.g. 'minival/ema_clean_top1'): the best checkpoint by it is kept
+  # beside the newest keep_checkpoints (best_checkpoint.py); every evaluation step is then saved.
+  c.keep_best_by = placeholder(str)
   c.seed = 0
   c.prng_impl = 'threefry2x32'  # 'rbg' compiles faster on CPU
   c.profile_steps = ()  # (start, stop): capture a profiler trace into workdir
@@ -163,8 +174,9 @@ def without_unset(overrides) -> dict:
   return {k: v for k, v in dict(overrides or {}).items() if v is not None}
 
 
-def validate(config, num_devices: int, process_count: int = 1) -> None:
-  """Raises ConfigError naming the first bad field; called before any compilation or disk write."""
+def validate(config, num_devices: int, process_count: int = 1, num_slices: int = 1) -> None:
+  """Raises ConfigError naming the first bad field; called before any compilation or disk write.
+  num_slices: TPU slices (multislice) the devices form; a BN group must lie inside one."""
   require_choice(config, 'model', models.model_names())
   require_choice(config, 'method', tuple(methods.METHODS))
   require_choice(config, 'dtype', ('float32', 'bfloat16'))
@@ -208,14 +220,24 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
       if batch % count:
         raise ConfigError(f'config.{field}={batch} is not divisible by the {what} count {count}')
   k = config.bn_group_size
-  if not (k in (0, -1) or (isinstance(k, int) and k > 0 and num_devices % k == 0)):
-    raise ConfigError(f'config.bn_group_size={k} must divide the device count {num_devices} '
+  per_slice = num_devices // num_slices
+  if not (k in (0, -1) or (isinstance(k, int) and k > 0 and per_slice % k == 0)):
+    where = (f'device count {num_devices}' if num_slices == 1 else
+             f'device count of a slice, {per_slice} ({num_slices} slices; a BN group never spans '
+             'slices)')
+    raise ConfigError(f'config.bn_group_size={k} must divide the {where} '
                       '(or be 0 for TF\'s rule, -1 for global BN)')
   if config.profile_steps and (len(config.profile_steps) != 2 or
                                not 0 <= config.profile_steps[0] < config.profile_steps[1]):
     raise ConfigError(f'config.profile_steps={config.profile_steps} must be (start, stop) with '
                       '0 <= start < stop')
   require_number(config, 'grad_accumulation_steps', low=1, integer=True)
+  require_number(config, 'data.minival_examples', low=0, integer=True)  # (< split size: trainer)
+  try:
+    best_checkpoint.check(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  require_number(config, 'log_images_every_steps', low=0, integer=True)
   methods.get(config.method).validate(config, num_devices)  # the loader batch is valid after it
   _validate_grad_accumulation(config, num_devices)
 

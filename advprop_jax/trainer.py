@@ -12,6 +12,7 @@ from advprop_jax import checkpoints
 from advprop_jax import cli
 from advprop_jax import config as config_lib
 from advprop_jax import factories
+from advprop_jax import image_summaries
 from advprop_jax import init_from
 from advprop_jax import parallel
 from advprop_jax import step as step_lib
@@ -100,9 +101,10 @@ def _write_failure(error, checkpointer, workdir):
 
 
 def _num_train_examples(config) -> int:
-  """The training split's size; a ConfigError (before anything is written) if the data cannot work."""
+  """What training reads of the training split (the minival held out); a ConfigError (before
+  anything is written) if the data cannot work."""
   try:
-    num_train = input_pipeline.num_examples(config.data, config.data.train_split)
+    num_train = input_pipeline.num_train_examples(config.data)
     dataset_classes = input_pipeline.num_classes(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f'config.data (dataset={config.data.dataset!r}, '
@@ -142,7 +144,7 @@ def _progress_line(step, total_steps, means, images_per_sec, seconds_per_step) -
 
 
 def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_change=False,
-                       on_stop=None) -> dict:
+                       on_stop=None, process_is_slice=False) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final metrics.
 
   step_hooks: callables `hook(step, state, metrics)` run after every step (e.g. timing: the ablation
@@ -153,9 +155,11 @@ def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_ch
   exits the process there: tearing down tf.data's in-flight work takes tens of seconds on a busy host).
   """
   jax.config.update('jax_default_prng_impl', config.prng_impl)
-  config_lib.validate(config, jax.device_count(), jax.process_count())
+  # process_is_slice: each process stands in for a TPU slice (multislice path on CPU; parallel.py).
+  num_slices = parallel.count_slices(process_is_slice=process_is_slice)
+  config_lib.validate(config, jax.device_count(), jax.process_count(), num_slices)
   workdir_lib.check_writable(workdir)
-  mesh = parallel.create_mesh(config.bn_group_size)
+  mesh = parallel.create_mesh(config.bn_group_size, process_is_slice=process_is_slice)
   schedule = factories.schedule(config, _num_train_examples(config))
   model = factories.build_model(config)
   source = init_from.prepare(config, workdir, model)  # read and checked before the workdir is created
@@ -167,7 +171,7 @@ def train_and_evaluate(config, workdir: str, *, step_hooks=(), allow_schedule_ch
     checkpointer = checkpoints.Checkpointer(
         workdir, every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints,
         config_fingerprint=factories.fingerprint(config), schedule_fields=factories.SCHEDULE_FIELDS,
-        allow_schedule_change=allow_schedule_change)
+        allow_schedule_change=allow_schedule_change, keep_best_by=config.keep_best_by)
     try:
       return _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step_hooks,
                     source, on_stop)
@@ -206,12 +210,14 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
   train_step = step_lib.make_train_step(model, tx, config, mesh, lr_fn, config.ema_decay)
   eval_context = evaluators.Context(config, model, mesh)
+  periodic_plan, keep_best = evaluators.plan(config, 'periodic'), config.keep_best_by
   loader_batch = factories.loader_batch_size(config)
   batches = input_pipeline.global_batches(
       input_pipeline.train_dataset(config.data, per_process_batch_size=loader_batch // jax.process_count(),
                                    seed=config.seed, start_step=start_step),
       parallel.batch_sharding(mesh), config.data.normalization)
   profile = _profile(config, workdir, start_step, total_steps)
+  log_images = image_summaries.make_logger(model, config, mesh)  # None: log_images_every_steps=0
   step_rng = jax.random.PRNGKey(config.seed + 1)
   history, wait_time, window_start, window_steps = [], 0.0, time.time(), 0
 
@@ -235,6 +241,8 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
     history.append((step, metrics))
     if profile is not None:
       profile(step)
+    if log_images is not None:
+      window_start += log_images(writer, step, state, batch, step_rng)  # rates exclude it
     last = step == total_steps
     if step % config.log_every_steps == 0 or last or checkpointer.should_save(step):
       _check_finite(history, checkpointer)
@@ -247,15 +255,22 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
         logging.info(_progress_line(step, total_steps, means, loader_batch * window_steps / seconds,
                                     seconds / window_steps))
       history, wait_time, window_start, window_steps = [], 0.0, time.time(), 0
-    if step % schedule.eval_every_steps == 0 and not last:
+    # With keep_best_by every evaluated state is saved with its metric (the last one too): the
+    # best checkpoint is chosen among evaluated states only.
+    evaluating = (step % schedule.eval_every_steps == 0 and not last) or (last and keep_best)
+    save_best = bool(evaluating and keep_best)
+    scalars = {}
+    if evaluating:
       start = time.time()
-      clean = evaluators.eval_clean(eval_context, variables(state.ema_params, state.ema_model_state), {})
-      writer.write_scalars(step, {f'eval_ema/{k}': v for k, v in clean.items()})
-      logging.info('eval at step %d (EMA weights): top-1 %.4f, top-5 %.4f on %d examples (%.1f s)', step,
-                   clean['top1'], clean['top5'], clean['count'], time.time() - start)
+      scalars = periodic_evaluation(eval_context, periodic_plan, state)
+      writer.write_scalars(step, scalars)
+      logging.info('eval at step %d (EMA weights): %s (%.1f s)', step, ', '.join(
+          f'{k} {v:.4f}' for k, v in scalars.items() if not k.endswith('count')),
+          time.time() - start)
       window_start += time.time() - start  # rates exclude evaluation
-    if checkpointer.should_save(step) or last:
-      checkpointer.save(step, state, {'data_step': step}, force=last)
+    if checkpointer.should_save(step) or last or save_best:
+      checkpointer.save(step, state, {'data_step': step}, force=last or save_best,
+                        metrics={keep_best: scalars[keep_best]} if keep_best in scalars else None)
     if checkpointer.preempted and not last:
       checkpointer.wait()  # the save is complete (no tmp directory left) before we say so
       logging.warning('Stop requested (%s): checkpoint at step %d saved, exiting. Rerun the same '
@@ -275,26 +290,37 @@ def _train(config, workdir, mesh, schedule, model, tx, lr_fn, checkpointer, step
   return final
 
 
+def _weights(state) -> dict:
+  return {'ema': variables(state.ema_params, state.ema_model_state),
+          'raw': variables(state.params, state.model_state)}
+
+
+def periodic_evaluation(eval_context, plan, state) -> dict:
+  """The plan's periodic stage on `state`: TensorBoard scalars <tag><key> (e.g. eval_ema/top1,
+  minival/ema_clean_top1; keep_best_by names one of them)."""
+  scalars = {}
+  for weights, variables_ in _weights(state).items():
+    entries = [(n, s) for n, s in plan if weights in s['weights']]
+    results = evaluators.run_evaluators(eval_context, variables_, entries) if entries else {}
+    for name, settings in entries:
+      scalars.update({f'{settings["tag"]}{k}': v for k, v in results[name].items() if k != 'seconds'
+                      and isinstance(v, (int, float)) and not isinstance(v, bool)})
+  return scalars
+
+
 def final_evaluation(config, eval_context, state) -> dict:
-  """Clean top-1/top-5 of the EMA and raw weights, and PGD top-1 of the EMA weights (main BN) at each
-  config.eval_pgd_epsilons_pixels."""
-  results = {}
-  ema = variables(state.ema_params, state.ema_model_state)
-  for name, weights in (('ema', ema), ('raw', variables(state.params, state.model_state))):
-    start = time.time()
-    metrics = evaluators.eval_clean(eval_context, weights, {})
-    results.update({f'{name}_clean_top1': metrics['top1'], f'{name}_clean_top5': metrics['top5']})
-    results['eval_examples'] = metrics['count']
-    logging.info('final eval, clean, %s weights: top-1 %.4f on %d examples (%.1f s)',
-                 name.upper() if name == 'ema' else name, metrics['top1'], metrics['count'],
-                 time.time() - start)
-  if config.eval_pgd_epsilons_pixels:
-    start = time.time()
-    settings = dict(evaluators.DEFAULT_SETTINGS['pgd'], epsilons_pixels=config.eval_pgd_epsilons_pixels)
-    pgd = evaluators.eval_pgd(eval_context, ema, settings)['by_epsilon_pixels']
-    results.update({f'ema_pgd{eps}_top1': r['top1'] for eps, r in pgd.items()})
-    logging.info('final eval, white-box PGD, EMA weights: %s (%.1f s)', ', '.join(
-        f'{eps} px top-1 {r["top1"]:.4f}' for eps, r in pgd.items()), time.time() - start)
+  """The plan's final stage (evaluators.plan(config, 'final')): clean top-1/top-5 of the EMA and
+  raw weights, and PGD top-1 of the EMA weights (main BN) at each config.eval_pgd_epsilons_pixels,
+  as final_metrics.json's keys (ema_clean_top1, raw_clean_top5, eval_examples, ema_pgd4_top1,
+  ...)."""
+  plan, results = evaluators.plan(config, 'final'), {}
+  for weights, variables_ in _weights(state).items():
+    entries = [(n, s) for n, s in plan if weights in s['weights']]
+    if entries:
+      logging.info('final evaluation, %s weights: %s', weights.upper() if weights == 'ema' else
+                   weights, ', '.join(n for n, _ in entries))
+      out = evaluators.run_evaluators(eval_context, variables_, entries)
+      results.update(evaluators.final_scalars(entries, out, weights))
   return results
 
 

@@ -135,6 +135,26 @@ def _pgd(distribution):
   return lambda config: (base.Attack(distribution, passes_lib.attack_steps(config.attack)),)
 
 
+def _pgd_input(config, model, name, distribution, epsilon_pixels=None):
+  """The PGD images of `_adversarial_loss` / `adv_train_loss` (image summaries)."""
+  passes = passes_lib.Passes(model)
+  settings = passes_lib.attack_settings(config.attack, config.data.normalization, epsilon_pixels)
+
+  def perturb(params, model_state, x, labels, rng):
+    x_adv, _ = passes_lib.adversarial_examples(
+        passes, params, model_state, dict(image=x, label=labels), rng, distribution=distribution,
+        settings=settings, bn_mode=config.attack.bn_mode, num_classes=config.num_classes)
+    return x, x_adv
+  eps = config.attack.epsilon_pixels if epsilon_pixels is None else epsilon_pixels
+  return base.AuxiliaryInput(name, perturb, epsilon_pixels=float(eps))
+
+
+def _fine_grained_inputs(model, config):
+  names = [fine_grained_distribution(i) for i in range(len(config.fine_grained_epsilons_pixels))]
+  return tuple(_pgd_input(config, model, name, name, eps)
+               for name, eps in zip(names, config.fine_grained_epsilons_pixels))
+
+
 def _method(name, summary, loss, **fields):
   make_loss_fn = _loss_builder(loss)
   return base.Method(name=name, summary=summary, make_grad_fn=base.grad_fn_of(make_loss_fn),
@@ -149,9 +169,11 @@ def _attack_cost(config):
 VANILLA = _method('vanilla', 'clean images, main BN', vanilla_loss, relative_cost=lambda config: 1.0)
 ADV_TRAIN = _method('adv_train', 'clean + PGD images in one batch, main BN (adversarial training)',
                     adv_train_loss, attacks=_pgd(CLEAN), validate=_require_attack,
+                    auxiliary_inputs=lambda model, c: (_pgd_input(c, model, 'adv', CLEAN),),
                     relative_cost=_attack_cost)
 ADVPROP = _method('advprop', 'clean (main BN) + PGD images (auxiliary BN)', advprop_loss,
                   distributions=lambda config: (CLEAN, ADV), attacks=_pgd(ADV),
+                  auxiliary_inputs=lambda model, c: (_pgd_input(c, model, 'adv', ADV),),
                   validate=_require_attack, relative_cost=_attack_cost)
 FINE_GRAINED_ADVPROP = _method(
     'fine_grained_advprop', 'clean + one PGD strength per auxiliary BN', fine_grained_loss,
@@ -160,6 +182,6 @@ FINE_GRAINED_ADVPROP = _method(
     attacks=lambda config: tuple(
         base.Attack(fine_grained_distribution(i), passes_lib.attack_steps(config.attack, eps))
         for i, eps in enumerate(config.fine_grained_epsilons_pixels)),
-    validate=_validate_fine_grained,
+    auxiliary_inputs=_fine_grained_inputs, validate=_validate_fine_grained,
     relative_cost=lambda config: 1.0 + sum(passes_lib.attack_steps(config.attack, eps) + 1.0
                                            for eps in config.fine_grained_epsilons_pixels))

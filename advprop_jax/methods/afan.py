@@ -131,8 +131,34 @@ def make_loss_fn(model, config):
   return loss_fn
 
 
+def auxiliary_inputs(model, config):
+  """The stage-s feature of the shown images before and after the attack (and PONO mixing), as
+  `loss_fn` computes it (train-mode BN with the shown images' batch statistics, none updated)."""
+  ac, stage = config.afan, int(config.afan.stage)
+
+  def perturb(params, model_state, x, labels, rng):
+    head_rng, attack_rng = jax.random.split(rng)
+    variables = {'params': params, **model_state}
+
+    def run(z, r, **stages):
+      return model.apply(variables, z, train=True, distribution=CLEAN, rngs={'dropout': r},
+                         mutable=False, **stages)
+
+    def rest_loss(z):
+      return jnp.sum(passes_lib.cross_entropy(run(z, attack_rng, from_stage=stage), labels,
+                                              config.num_classes))
+
+    feature = run(x, head_rng, to_stage=stage)
+    feature_adv = perturb_feature(rest_loss, feature, ac)
+    if ac.pono_mix:
+      feature_adv = pono_mix(feature, feature_adv, float(ac.pono_mix))
+    return feature, feature_adv
+  return (base.AuxiliaryInput(f'feature_stage{stage}', perturb, feature_stage=stage),)
+
+
 AFAN = base.Method(
     name='afan', summary='A-FAN: PGD on an intermediate feature, optional PONO mixing, main BN',
     make_grad_fn=base.grad_fn_of(make_loss_fn), make_loss_fn=make_loss_fn, validate=validate,
+    auxiliary_inputs=auxiliary_inputs,
     attacks=lambda config: (base.Attack(CLEAN, int(config.afan.num_steps),
                                         from_stage=int(config.afan.stage)),))

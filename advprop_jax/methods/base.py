@@ -26,6 +26,20 @@ class Attack:
   from_stage: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class AuxiliaryInput:
+  """One auxiliary input distribution of a method, re-created from a few training images for display
+  (image_summaries.py). `perturb(params, model_state, x, labels, rng) -> (reference, perturbed)`:
+  the method's own attack settings applied to x with a plain (not sharded) model, BN statistics
+  of those images where the attack uses batch statistics. In input units with reference = x for a
+  pixel-space attack (`epsilon_pixels` its L-inf radius), else the features of block-stage
+  `feature_stage` (A-FAN) before and after the perturbation (`epsilon_pixels` None)."""
+  name: str
+  perturb: Callable
+  epsilon_pixels: Optional[float] = None
+  feature_stage: int = 0
+
+
 def _no_validation(config, num_devices: int) -> None:
   del config, num_devices
 
@@ -37,8 +51,10 @@ class Method:
   make_loss_fn(model, config) -> LossFn when the gradient is the gradient of one loss (None otherwise:
   Fast AdvProp reuses the attack's backward pass). distributions(config): the BN distributions the
   model needs, clean first. loader_batch_size(config): images drawn from the loader per step.
-  attacks(config): the attacks of one step (FLOP accounting). validate(config, num_devices): checks the
-  method's own fields, raising validation.ConfigError. relative_cost(config): the cost model the
+  attacks(config): the attacks of one step (FLOP accounting). auxiliary_inputs(model, config): its
+  auxiliary input distributions as AuxiliaryInput records (image summaries; vanilla has none).
+  validate(config, num_devices): checks the method's own fields, raising validation.ConfigError.
+  relative_cost(config): the cost model the
   benchmarks compare with, forward+backward passes per step in units of a vanilla step on
   global_batch_size images (None: no simple model).
   """
@@ -49,6 +65,7 @@ class Method:
   distributions: Callable[..., Tuple[str, ...]] = lambda config: (CLEAN,)
   loader_batch_size: Callable[..., int] = lambda config: int(config.global_batch_size)
   attacks: Callable[..., Tuple[Attack, ...]] = lambda config: ()
+  auxiliary_inputs: Callable[..., Tuple[AuxiliaryInput, ...]] = lambda model, config: ()
   validate: Callable[..., None] = _no_validation
   relative_cost: Callable[..., Optional[float]] = lambda config: None
 

@@ -164,13 +164,13 @@ def _axis_size(axis_name):
     return None
 
 
-def shuffle_across_groups(tree, rng, axis_name=parallel.REPLICA_AXIS):
+def shuffle_across_groups(tree, rng, axis_name=parallel.GROUP_AXES):
   """Re-deals the adversarial sub-batch (a pytree of [n, ...] arrays) over the BN groups.
 
   Why: the examples were crafted with the aux BN's batch statistics of their own BN group; normalising
   them again together would let the label-dependent perturbations talk to each other through those
-  statistics. BN groups are the `replica` axis of the mesh (devices along `bn` share statistics), so
-  the exchange runs over `replica`:
+  statistics. BN groups are the (`slice`, `replica`) axes of the mesh (devices along `bn` share
+  statistics), so the exchange runs over those (across slices too: as one slice of as many devices):
     * first a random permutation within the device (per-device rng), so which examples travel differs
       every step; on one device / one group this is all that happens (BN statistics are permutation
       invariant there, so it changes no number — there is no other group to mix with);
@@ -246,13 +246,33 @@ def validate(config, num_devices: int) -> None:
                                  f'{accumulation}: {e}') from e
 
 
+def attack_settings(config) -> dict:
+  """config.attack as one untargeted step of size epsilon (input units; random_start honoured)."""
+  settings = passes_lib.attack_settings(config.attack, config.data.normalization)
+  settings.update(step_size=settings['epsilon'], num_steps=1, targeted=False)
+  return settings
+
+
+def auxiliary_inputs(model, config):
+  """The attack step's images for image summaries: `attack_step` on the shown images (so the aux
+  BN's batch statistics are theirs; its parameter gradient is unused and compiled away)."""
+  passes, settings = passes_lib.Passes(model), attack_settings(config)
+
+  def loss_fn(logits, labels):
+    return passes_lib.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
+
+  def perturb(params, model_state, x, labels, rng):
+    return x, attack_step(passes, params, model_state, x, labels, rng, settings=settings,
+                          loss_fn=loss_fn)[0]
+  return (base.AuxiliaryInput('adv', perturb, epsilon_pixels=float(config.attack.epsilon_pixels)),)
+
+
 def make_grad_fn(model, config):
   """`(params, model_state, batch, rng) -> (grads, new_model_state, metrics)` (validated config)."""
   fa = config.fast_advprop
   noise_w, adv_w = float(fa.noise_weight), float(fa.adv_weight)
   passes = passes_lib.Passes(model)
-  settings = passes_lib.attack_settings(config.attack, config.data.normalization)
-  settings.update(step_size=settings['epsilon'], num_steps=1, targeted=False)
+  settings = attack_settings(config)
 
   def loss_fn(logits, labels):  # the training loss: its parameter gradient is reused for training
     return passes_lib.cross_entropy(logits, labels, config.num_classes, config.label_smoothing)
@@ -297,4 +317,5 @@ FAST_ADVPROP = base.Method(
     name='fast_advprop', summary='Mei et al. 2022: 80 % clean / 20 % other images attacked with one '
     'step, the attack gradient reused, per-group gradient normalisation',
     make_grad_fn=make_grad_fn, distributions=lambda config: (CLEAN, ADV),
-    loader_batch_size=loader_batch_size, validate=validate, relative_cost=relative_cost)
+    loader_batch_size=loader_batch_size, validate=validate, relative_cost=relative_cost,
+    auxiliary_inputs=auxiliary_inputs)
