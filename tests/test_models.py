@@ -94,6 +94,21 @@ def test_distributions_use_their_own_scale_and_bias(three_distributions):
     assert bool(jnp.any(a != b)) == should_change, d
 
 
+def test_main_bn_of_an_auxiliary_distribution_equals_its_own_pass(three_distributions):
+  model, variables, x = three_distributions
+  # Distinct statistics and affine per distribution, so a wrong swap cannot pass unnoticed.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, v: v + 0.1 * len(jax.tree_util.keystr(path)) % 0.7, variables)
+  for d in ('adv1', 'adv2'):
+    expected = model.apply(variables, x, train=False, distribution=d)
+    swapped = batchnorm.with_main_bn_of(variables, d)
+    np.testing.assert_allclose(model.apply(swapped, x, train=False), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(model.apply(variables, x, train=False), expected, atol=1e-3)
+  assert batchnorm.with_main_bn_of(variables, 'clean') is variables
+  with pytest.raises(ValueError, match="no BatchNorm of distribution 'adv'"):
+    batchnorm.with_main_bn_of(variables, 'adv')
+
+
 def test_eval_uses_running_statistics(three_distributions):
   model, variables, x = three_distributions
   # Eval output does not depend on the rest of the batch; train output does.

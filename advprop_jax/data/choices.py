@@ -3,7 +3,9 @@
 """
 from advprop_jax.data.normalization import NORMALIZATIONS
 
-TRAIN_CROPS = ('inception', 'resize')  # Inception-style random crop | resize the whole image
+# Inception-style random crop | resize the whole image | resize, zero-pad S/8 per side, random S x S
+# crop (the standard CIFAR augmentation: Inception crops of 8 % of a 32 px image are too harsh).
+TRAIN_CROPS = ('inception', 'resize', 'pad_crop')
 AUGMENTS = ('autoaugment', 'randaugment', 'none')  # AutoAugment policy v0 | RandAugment | none
 
 # Resize kernels (data.resize_method), both without antialiasing:

@@ -3,7 +3,8 @@ models/official/efficientnet as released with AdvProp, CROP_PADDING = 32), with 
 
 Train: Inception-style random crop (sample_distorted_bounding_box, center-crop fallback) fused with JPEG
 decoding, TF1 bicubic resize of the crop to S, random flip, optional AutoAugment/RandAugment on uint8
-(the reference clips to [0, 255] and truncates to uint8 first, and so do we).
+(the reference clips to [0, 255] and truncates to uint8 first, and so do we). train_crop='resize'
+replaces the crop by the whole image; 'pad_crop' then pads S/8 and crops S at random (CIFAR's).
 Eval ('tf_reference'): center crop of side int(S/(S+32) * min(h, w)) (or crop_fraction * min(h, w)),
 TF1 bicubic resize to S, NO clipping (bicubic overshoot reaches the model, as in the reference).
 Eval 'timm': timm's transform (resize the short side, center crop, PIL bicubic), see timm_eval.py.
@@ -162,6 +163,14 @@ def flip_decision(flip_seed):
   return tf.raw_ops.StatelessRandomUniformV2(shape=[], key=key, counter=counter, alg=alg) < 0.5
 
 
+def pad_and_random_crop(image, image_size, seed):
+  """Zero-pads image_size // 8 pixels on each side and takes a random image_size square (CIFAR's
+  4 px at 32 px; torchvision RandomCrop(32, padding=4)); zero is black before normalisation."""
+  pad = image_size // 8
+  image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+  return tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed)
+
+
 def preprocess_for_train(image, seed, *, image_size, train_crop='inception', random_flip=True,
                          augment='autoaugment', randaugment_layers=2, randaugment_magnitude=10,
                          resize_method='tf1_bicubic', crop_fraction=None,
@@ -183,11 +192,13 @@ def preprocess_for_train(image, seed, *, image_size, train_crop='inception', ran
     image = decode_and_crop(
         image, lambda shape: random_crop_window(shape, crop_seed, image_size, crop_fraction),
         record_id, all_jpeg)
-  elif train_crop == 'resize':
+  elif train_crop in ('resize', 'pad_crop'):
     image = decode_full(image, record_id)
   else:
-    raise ValueError(f"train_crop must be 'inception' or 'resize', got {train_crop!r}")
+    raise ValueError(f"train_crop must be 'inception', 'resize' or 'pad_crop', got {train_crop!r}")
   image = resize(image, image_size, resize_method, clip=False)
+  if train_crop == 'pad_crop':
+    image = pad_and_random_crop(image, image_size, crop_seed)
   if augment != 'none':
     # The reference augments uint8 pixels: clip and truncate, as it does. (It flips before this;
     # clipping and casting are per pixel, so flipping the uint8 image after is the same, 4x cheaper.)

@@ -75,6 +75,11 @@ def check_overrides(name: str, overrides) -> None:
   for field in ('dropout_rate', 'drop_connect_rate'):
     if field in kwargs and not 0 <= kwargs[field] < 1:
       raise ValueError(f'{field}={kwargs[field]!r} must be in [0, 1)')
+  if 'stem' in kwargs and kwargs['stem'] not in resnet.STEMS:
+    raise ValueError(f'stem={kwargs["stem"]!r} must be one of {resnet.STEMS}')
+  if 'stem_stride' in kwargs and not (isinstance(kwargs['stem_stride'], int)
+                                      and kwargs['stem_stride'] >= 1):
+    raise ValueError(f'stem_stride={kwargs["stem_stride"]!r} must be an integer >= 1')
 
 
 def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32,

@@ -30,6 +30,31 @@ def param_suffix(distribution: str) -> str:
   return '' if distribution == CLEAN else f'_{distribution}'
 
 
+def with_main_bn_of(variables: dict, distribution: str) -> dict:
+  """`variables` whose main (clean) BNs are those of `distribution`: its scale, bias and running
+  statistics copied into the main BN's names, so that inference (which uses the main BN only) runs
+  through the auxiliary BN unchanged, e.g. to evaluate AdvProp's adversarial BN. Convolutions and
+  every other parameter are shared and stay as they are."""
+  if distribution == CLEAN:
+    return variables
+  stats = stats_collection(distribution)
+  if stats not in variables:
+    raise ValueError(f'these variables have no BatchNorm of distribution {distribution!r} (no '
+                     f'{stats!r} collection; present: {sorted(variables)})')
+  suffix = param_suffix(distribution)
+
+  def swap(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: swap(v) for k, v in tree.items()}
+    for name in ('scale', 'bias'):
+      if name + suffix in tree:
+        out[name] = tree[name + suffix]
+    return out
+  return {**variables, 'params': swap(variables['params']),
+          stats_collection(CLEAN): variables[stats]}
+
+
 def distribution_segments(distribution) -> tuple:
   """`distribution` as ((name, size or None), ...).
 

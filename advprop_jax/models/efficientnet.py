@@ -146,6 +146,9 @@ class EfficientNet(nn.Module):
   stages: Sequence[StageSpec] = B0_STAGES
   stem_features: int = 32
   head_features: int = 1280
+  # 1 for 32 px inputs (CIFAR): B0's five stride-2 layers would leave 1x1 features. Changes no
+  # parameter.
+  stem_stride: int = 2
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, distribution=batchnorm.CLEAN,
@@ -157,7 +160,8 @@ class EfficientNet(nn.Module):
     conv = functools.partial(_conv, use_bias=False, dtype=self.dtype)
     x = x.astype(self.dtype)
     if from_stage == 0:
-      x = conv(round_filters(self.stem_features, self.width), (3, 3), strides=(2, 2), name='stem_conv')(x)
+      x = conv(round_filters(self.stem_features, self.width), (3, 3),
+               strides=(self.stem_stride, self.stem_stride), name='stem_conv')(x)
       x = nn.swish(norm(name='stem_bn')(x, train=train, distribution=distribution))
 
     block = nn.remat(MBConv, static_argnums=(2, 3)) if self.remat else MBConv

@@ -46,6 +46,7 @@ STAGE_SIZES = {
     'resnet200': (3, 24, 36, 3),
 }
 EXPANSION = 4  # bottleneck output channels = EXPANSION * its inner width
+STEMS = ('imagenet', 'cifar')
 
 
 def conv_kernel_init():
@@ -114,6 +115,10 @@ class ResNet(nn.Module):
   bn_epsilon: float = 1e-5  # torchvision's default
   zero_init_residual: bool = True
   remat: bool = False
+  # 'imagenet': 7x7 stride-2 conv + 3x3 stride-2 max-pool (torchvision). 'cifar': one 3x3
+  # stride-1 conv, no max-pool (He et al. 2016, 4.2): at 32 px the ImageNet stem leaves 8x8
+  # features for layer1 and 1x1 after layer4. Same parameter names (conv1 3x3 instead of 7x7).
+  stem: str = 'imagenet'
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, distribution=batchnorm.CLEAN,
@@ -133,11 +138,17 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     if to_stage == from_stage:  # nothing to run: stage s of a stage-s feature is the feature itself
       return x
+    if self.stem not in STEMS:
+      raise ValueError(f'stem={self.stem!r} must be one of {STEMS}')
     if from_stage == 0:
-      x = nn.Conv(self.base_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                  dtype=self.dtype, kernel_init=conv_kernel_init(), name='conv1')(x)
+      cifar = self.stem == 'cifar'
+      kernel, stride, pad = (3, 1, 1) if cifar else (7, 2, 3)
+      x = nn.Conv(self.base_width, (kernel, kernel), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
+                  kernel_init=conv_kernel_init(), name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x, train=train, distribution=distribution))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+      if not cifar:
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
 
     # static_argnums count self: (self, x, train, distribution) -> train, distribution are static.
     block = nn.remat(Bottleneck, static_argnums=(2, 3)) if self.remat else Bottleneck
