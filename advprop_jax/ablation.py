@@ -1,4 +1,4 @@
-"""Equal-budget ablation of the training methods on the offline digits demo (issue #7 item 4).
+"""Equal-budget ablation of the training methods (the offline digits demo, CIFAR-10, any config).
 
   python -m advprop_jax.ablation --workdir=DIR [--methods=vanilla,adv_train,advprop,
       fine_grained_advprop,fast_advprop,afan] [--seeds=0,1,2] [--epochs=E | --steps=N]
@@ -6,9 +6,14 @@
 
 Each (method, seed) trains with trainer.train_and_evaluate in DIR/<method>/seed<k> (so an interrupted
 ablation resumes from the runs' checkpoints; finished runs are read back, not retrained), then the EMA
-weights are evaluated on the digits corruptions (eval/, written to DIR/<method>/seed<k>/eval).
-Writes DIR/ablation.md (mean ± std over seeds), DIR/ablation.json and
-DIR/ablation.png. Compiled programs are cached in DIR/jax_cache (unless a JAX compilation cache is
+weights are evaluated on the corruption suite (eval/, written to DIR/<method>/seed<k>/eval), and for
+methods with auxiliary BNs (AdvProp's adversarial BN) once more through each of them
+(DIR/<method>/seed<k>/eval_bn_<d>: an extra row). A seed fixes the initialisation and the data order
+(the same for every method that reads the same batch per step; Fast AdvProp reads more), so the
+differences to vanilla are also reported paired by seed.
+Writes DIR/ablation.md (mean ± std over seeds, paired differences, top-1 per corruption),
+DIR/ablation.json and DIR/ablation.png. Compiled programs are cached in DIR/jax_cache (unless a JAX
+compilation cache is
 already configured), so every seed after a method's first skips compilation.
 
 Budget matching: every method runs the SAME NUMBER OF OPTIMIZER STEPS, N = int(epochs x train examples /
@@ -59,7 +64,10 @@ def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=F
   c.fine_grained_epsilons_pixels = (2.0, 4.0)
   c.afan.stage = 1
   c.eval_pgd_epsilons_pixels = (EVAL_PGD_EPS,)
-  corruptions = dict(severities=(1, 2, 3, 4, 5), seed=0, max_examples=None)
+  # The config's own severity constants (configs/cifar10.py: CIFAR-10-C's), else ImageNet-C's.
+  own = c.evaluate.to_dict().get('corruptions', {}) if 'evaluate' in c else {}
+  corruptions = dict(severities=(1, 2, 3, 4, 5), seed=0, max_examples=None,
+                     constants=own.get('constants', 'imagenet_c'))
   if quick:
     c.model_overrides.stages = QUICK_STAGES
     c.model_overrides.head_features = 64
@@ -70,7 +78,7 @@ def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=F
     corruptions.update(severities=(3,), max_examples=120)
   c.evaluate = ml_collections.ConfigDict(dict(corruptions=corruptions))
   # Budget: N optimizer steps for every method, N from the vanilla loader (global_batch_size images).
-  num_train = input_pipeline.num_examples(c.data, c.data.train_split)
+  num_train = input_pipeline.num_train_examples(c.data)  # (without a minival held out)
   clean_spe = factories.schedule(_with(c, method='vanilla'), num_train).steps_per_epoch
   if steps is None:  # the trainer's own conversion: int(epochs * N / batch)
     steps = optim.epochs_to_steps(c.num_epochs if epochs is None else epochs, num_train,
@@ -134,12 +142,64 @@ def run_one(config, run_dir) -> dict:
   _, results = saved_run.evaluate_workdir(run_dir, config, names=['clean', 'corruptions'],
                                          output=os.path.join(run_dir, 'eval'), ema=True)
   out = dict(clean=100 * final['ema_clean_top1'], pgd=100 * final[f'ema_pgd{EVAL_PGD_EPS:g}_top1'],
-             corruptions=100 * (1.0 - results['corruptions']['mean_corruption_error']),
-             step_ms=1000 * timing['step_seconds'], steps=final['step'],
-             timed_steps=timing.get('timed_steps'))
+             **_corruption_top1(results), step_ms=1000 * timing['step_seconds'],
+             steps=final['step'], timed_steps=timing.get('timed_steps'), aux={})
+  # The same weights through each auxiliary BN (AdvProp's adversarial one): what that BN learned.
+  for d in methods.get(config.method).distributions(config)[1:]:
+    _, aux = saved_run.evaluate_workdir(run_dir, config, names=['clean', 'corruptions'],
+                                        output=os.path.join(run_dir, f'eval_bn_{d}'),
+                                        ema=True, bn=d)
+    out['aux'][d] = dict(clean=100 * aux['clean']['top1'], **_corruption_top1(aux))
   with open(summary_path, 'w') as f:
     json.dump(out, f, indent=2)
   return out
+
+
+def _corruption_top1(results) -> dict:
+  """Mean top-1 (%) over the corruption suite, and per corruption (mean over its severities)."""
+  c = results['corruptions']
+  return dict(corruptions=100 * (1.0 - c['mean_corruption_error']),
+              per_corruption={k: 100 * (1.0 - r['mean_error'])
+                              for k, r in c['per_corruption'].items()})
+
+
+def _rows(runs: dict) -> dict:
+  """runs[method][seed] -> rows[row name][seed]: each method, then each of its auxiliary BNs."""
+  rows = {}
+  for name, by_seed in runs.items():
+    rows[name] = by_seed
+    for d in next(iter(by_seed.values())).get('aux', {}):
+      rows[f'{name} (aux BN {d})'] = {
+          seed: dict(r['aux'][d], pgd=float('nan'), step_ms=float('nan'))
+          for seed, r in by_seed.items()}
+  return rows
+
+
+def paired_differences(runs: dict, baseline='vanilla') -> dict:
+  """{row: {key: (mean, std)}} of (row - baseline) over the seeds both have: the same seed means
+  the same initialisation and data order, so the pairing removes what the seeds share."""
+  if baseline not in runs:
+    return {}
+  base, out = runs[baseline], {}
+  for name, by_seed in _rows(runs).items():
+    seeds = [s for s in by_seed if s in base]
+    if name == baseline or not seeds:
+      continue
+    out[name] = {k: _mean_std([by_seed[s][k] - base[s][k] for s in seeds])
+                 for k in ('clean', 'pgd', 'corruptions')}
+    out[name]['seeds'] = len(seeds)
+  return out
+
+
+def per_corruption_table(runs: dict) -> dict:
+  """{row: {corruption: (mean, std)}} of top-1 (%) per corruption, over seeds."""
+  table = {}
+  for name, by_seed in _rows(runs).items():
+    rows = [r for r in by_seed.values() if 'per_corruption' in r]
+    if rows:
+      table[name] = {c: _mean_std([r['per_corruption'][c] for r in rows])
+                     for c in rows[0]['per_corruption']}
+  return table
 
 
 def _mean_std(values):
@@ -153,7 +213,7 @@ def aggregate(runs: dict) -> dict:
   """runs[method][seed] -> {method: {key: (mean, std)}}; step time relative to vanilla's mean."""
   vanilla = _mean_std([r['step_ms'] for r in runs.get('vanilla', {}).values()])[0]
   table = {}
-  for name, by_seed in runs.items():
+  for name, by_seed in _rows(runs).items():
     rows = list(by_seed.values())
     for r in rows:
       r['rel_step'] = r['step_ms'] / vanilla if np.isfinite(vanilla) else float('nan')
@@ -174,10 +234,29 @@ def markdown_table(table) -> str:
   return '\n'.join(lines)
 
 
-def write_plot(table, path):
+def differences_markdown(diffs) -> str:
+  lines = ['| method − vanilla (same seed) | seeds | clean top-1 (pp) | PGD top-1 (pp) | '
+           'corruptions top-1 (pp) |', '|---|---|---|---|---|']
+  for name, row in diffs.items():
+    cells = [_fmt(*row[k], 2) for k in ('clean', 'pgd', 'corruptions')]
+    lines.append(f'| {name} | {row["seeds"]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def corruption_markdown(table) -> str:
+  if not table:
+    return ''
+  names = list(next(iter(table.values())))
+  lines = ['| method | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
+  for row_name, row in table.items():
+    lines.append(f'| {row_name} | ' + ' | '.join(_fmt(*row[c], 1) for c in names) + ' |')
+  return '\n'.join(lines)
+
+
+def write_plot(table, diffs, path):
   names = list(table)
-  fig = Figure(figsize=(16, 4))
-  axes = fig.subplots(1, 4)
+  fig = Figure(figsize=(20 if diffs else 16, 4))
+  axes = fig.subplots(1, 5 if diffs else 4)
   for ax, key, title in zip(axes, ('clean', 'pgd', 'corruptions', 'rel_step'), COLUMNS[:3] +
                             COLUMNS[4:]):
     means = [table[m][key][0] for m in names]
@@ -189,6 +268,17 @@ def write_plot(table, path):
     finite = [m for m in means if np.isfinite(m)]
     if key != 'rel_step' and finite:
       ax.set_ylim(max(0.0, min(finite) - 10), 100)
+    ax.grid(axis='y', alpha=0.3)
+  if diffs:  # paired differences to vanilla, clean and corruptions side by side
+    ax, rows = axes[-1], list(diffs)
+    for i, (key, color) in enumerate((('clean', 'C0'), ('corruptions', 'C1'))):
+      ax.bar([j + 0.4 * i for j in range(len(rows))], [diffs[r][key][0] for r in rows], width=0.4,
+             yerr=[diffs[r][key][1] for r in rows], capsize=3, color=color, label=key)
+    ax.axhline(0, color='k', lw=0.8)
+    ax.set_xticks([j + 0.2 for j in range(len(rows))])
+    ax.set_xticklabels(rows, rotation=45, ha='right', fontsize=8)
+    ax.set_title('minus vanilla, same seed (pp)', fontsize=9)
+    ax.legend(fontsize=8)
     ax.grid(axis='y', alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -205,7 +295,8 @@ def run_ablation(workdir, method_names=ALL_METHODS, seeds=(0,), *, epochs=None, 
       run_dir = os.path.join(workdir, name, f'seed{seed}')
       logging.info('ablation: %s seed %d (%d steps) in %s', name, seed, config.max_steps, run_dir)
       runs.setdefault(name, {})[seed] = run_one(config, run_dir)
-  table = aggregate(runs)
+  table, diffs, by_corruption = (aggregate(runs), paired_differences(runs),
+                                 per_corruption_table(runs))
   first = next(iter(settings.values()))
   md = [f'# Equal-budget ablation ({"quick, " if quick else ""}{config_path})', '',
         f'Command: `{command or "run_ablation(...)"}`', '',
@@ -214,18 +305,31 @@ def run_ablation(workdir, method_names=ALL_METHODS, seeds=(0,), *, epochs=None, 
         ', '.join(f'{m} {s["loader_batch"]}' for m, s in settings.items()) + '. Seeds: ' +
         ','.join(map(str, seeds)) + '. Mean ± sample std over seeds.', '',
         f'EMA weights, main BN. PGD: white-box untargeted L-inf, eps {EVAL_PGD_EPS:g} px, '
-        f'eps+1 steps of 1 px (same for all). Corruptions: mean top-1 over the digits corruption '
-        'suite (advprop_jax.data.corruptions, severities ' +
+        f'eps+1 steps of 1 px (same for all). Corruptions: mean top-1 over the corruption suite '
+        f'(advprop_jax.data.corruptions, {config.evaluate.corruptions.constants} severity '
+        'constants, severities ' +
         ','.join(map(str, config.evaluate.corruptions.severities)) + '). Step time: training-loop '
         'wall time per step excluding the first (compiling) step; relative to vanilla\'s mean.', '',
-        markdown_table(table), '', f'Wall time of this invocation: {time.time() - start:.0f} s.', '']
+        markdown_table(table), '',
+        'Rows "(aux BN d)": the same EMA weights evaluated through the auxiliary BN of '
+        'distribution '
+        'd instead of the main one (not what inference uses).', '']
+  if diffs:
+    md += ['Paired differences to vanilla: per seed (same initialisation and data order), the '
+           'method\'s figure minus vanilla\'s; mean ± sample std over seeds (pp = points).', '',
+           differences_markdown(diffs), '']
+  if by_corruption:
+    md += ['Top-1 (%) per corruption (mean over its severities), mean ± sample std over seeds:', '',
+           corruption_markdown(by_corruption), '']
+  md += [f'Wall time of this invocation: {time.time() - start:.0f} s.', '']
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
     f.write('\n'.join(md))
   with open(os.path.join(workdir, 'ablation.json'), 'w') as f:
     json.dump(dict(runs={m: {str(s): r for s, r in by.items()} for m, by in runs.items()},
-                   table=table, settings=settings), f, indent=2)
-  write_plot(table, os.path.join(workdir, 'ablation.png'))
+                   table=table, paired_differences=diffs, per_corruption=by_corruption,
+                   settings=settings), f, indent=2)
+  write_plot(table, diffs, os.path.join(workdir, 'ablation.png'))
   return table
 
 

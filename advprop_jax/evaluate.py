@@ -1,13 +1,16 @@
 """Clean + robustness evaluation of a trained workdir.
 
   python -m advprop_jax.evaluate --workdir=DIR [--config=configs/x.py] [--evaluators=clean,pgd,...]
-      [--output=DIR/eval] [--ema=true] [--stylized_dir=PATH]
+      [--output=DIR/eval] [--ema=true] [--stylized_dir=PATH] [--step=best|N] [--bn=clean|adv|...]
   python -m advprop_jax.evaluate --workdir=DIR --watch [--poll_seconds=30] [--timeout_seconds=S] ...
 
 Without --config the run's workdir/config.json is used. Evaluators (eval/evaluators.py, big_vision style:
 names + settings) come from --evaluators, else config.evaluate.evaluators, else a default list (digits:
-clean, pgd, corruptions; ImageNet: all); config.evaluate.<name>.<key> overrides a setting. A dataset that
-is not prepared makes its evaluator 'skipped' (with the reason); the others still run. Writes
+clean, pgd, corruptions; ImageNet: all; plus minival for a run that holds one out:
+config.data.minival_examples); config.evaluate.<name>.<key> overrides a setting. A dataset that
+is not prepared makes its evaluator 'skipped' (with the reason); the others still run. --step=best
+or N picks the checkpoint (default: the newest; best: the run's config.keep_best_by). --bn=adv
+evaluates the same weights through AdvProp's auxiliary BNs instead of the main ones. Writes
 OUTPUT/eval_metrics.json, report.md, pgd_accuracy.png, corruption_error.png, each whole or not at
 all (a full disk: one line, exit status 3; an --output that is not writable: exit 2, before).
 
@@ -20,6 +23,7 @@ new checkpoint).
 from absl import flags
 from ml_collections import config_flags
 
+from advprop_jax import best_checkpoint
 from advprop_jax import cli
 from advprop_jax.data import input_pipeline
 from advprop_jax.eval import evaluators
@@ -32,10 +36,18 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file; default: <workdir>/config.json.',
                                   lock_config=False, **fv)
   flags.DEFINE_string('workdir', None, 'Training workdir (checkpoints/, config.json).', required=True, **fv)
-  flags.DEFINE_list('evaluators', None, f'Evaluators to run, from {list(evaluators.ALL_EVALUATORS)}.', **fv)
+  flags.DEFINE_list('evaluators', None, 'Evaluators to run, from '
+                    f'{list(evaluators.ALL_EVALUATORS) + list(evaluators.NAMED)} (minival: a run '
+                    'with config.data.minival_examples).', **fv)
   flags.DEFINE_string('output', None, 'Output directory; default <workdir>/eval.', **fv)
   flags.DEFINE_bool('ema', True, 'Evaluate the EMA weights (else the raw ones).', **fv)
   flags.DEFINE_string('stylized_dir', None, 'Stylized-ImageNet ImageFolder directory.', **fv)
+  flags.DEFINE_string('step', None, "Checkpoint to evaluate: a step number, or 'best' (the run's "
+                      'config.keep_best_by); default: the newest complete one.', **fv)
+  flags.DEFINE_string('bn', 'clean', "Evaluate through the BatchNorms of this distribution: "
+                      "'clean' (the main BN, what inference uses) or an auxiliary one of the "
+                      "run's method ('adv' for advprop / fast_advprop, 'adv1', 'adv2', ... for "
+                      'fine_grained_advprop).', **fv)
   flags.DEFINE_bool('watch', False, 'Evaluate every checkpoint that lands in --workdir, until the '
                     'final one (writes <workdir>/eval_watch).', **fv)
   flags.DEFINE_float('poll_seconds', None, 'With --watch: seconds between looks for new '
@@ -55,7 +67,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   try:
     _, results = saved_run.evaluate_workdir(
         flag_values.workdir, flag_values.config, names=flag_values.evaluators, output=flag_values.output,
-        ema=flag_values.ema, stylized_dir=flag_values.stylized_dir)
+        ema=flag_values.ema, stylized_dir=flag_values.stylized_dir,
+        step=best_checkpoint.parse_step(flag_values.step), bn=flag_values.bn)
   except (FileNotFoundError, ValueError) as e:  # the message names the file or the field
     cli.fail(e)
   print('\n'.join(f'{n}: ' + (f'top1={r["top1"]:.4f}' if 'top1' in r else r.get('reason', r['status']))
@@ -69,6 +82,10 @@ def _watch(fv: flags.FlagValues) -> int:
     cli.fail('--poll_seconds and --timeout_seconds go with --watch')
   if fv.output is not None:
     cli.fail('--watch writes <workdir>/eval_watch; --output is for a single evaluation')
+  if fv.step is not None:
+    cli.fail('--watch evaluates every checkpoint; --step is for a single evaluation')
+  if fv.bn != 'clean':
+    cli.fail('--watch evaluates through the main BN; --bn is for a single evaluation')
   for name in ('poll_seconds', 'timeout_seconds'):
     if fv[name].value is not None and not fv[name].value > 0:
       cli.fail(f'--{name}={fv[name].value:g}: must be positive')

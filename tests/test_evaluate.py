@@ -148,6 +148,35 @@ def test_evaluators_end_to_end_on_digits(digits_ctx, tmp_path):
   assert 'skipped' in text and '59.4' in text and 'White-box PGD' in text
 
 
+@pytest.fixture
+def digits_ctx_copy(digits_ctx):
+  """digits_ctx with a config of its own (the test's config.evaluate stays with the test)."""
+  import copy
+  ctx = copy.copy(digits_ctx)
+  ctx.config = copy.deepcopy(digits_ctx.config)
+  return ctx
+
+
+def test_corruptions_on_the_fly_use_the_chosen_severity_constants(digits_ctx_copy):
+  digits_ctx, config = digits_ctx_copy, digits_ctx_copy.config
+  results = {}
+  for constants in ('imagenet_c', 'cifar10_c'):
+    with config.unlocked():
+      config.evaluate = dict(corruptions=dict(types=('contrast',), severities=(5,), max_examples=40,
+                                              constants=constants))
+    plan = evaluators.evaluator_plan(config, ['corruptions'])
+    results[constants] = evaluators.run_evaluators(digits_ctx, digits_ctx.variables,
+                                                   plan)['corruptions']
+    assert f'{constants} severities' in results[constants]['suite']
+  imagenet, cifar = (results[k]['by_type_and_severity']['contrast']['5'] for k in results)
+  assert imagenet['count'] == cifar['count'] == 40 and imagenet['loss'] != cifar['loss']
+  with config.unlocked():
+    config.evaluate = dict(corruptions=dict(constants='cifar'))
+  with pytest.raises(ValueError, match=r"config.evaluate.corruptions.constants='cifar'"):
+    evaluators.eval_corruptions(digits_ctx, digits_ctx.variables,
+                                evaluators.settings_of(config, 'corruptions'))
+
+
 def test_missing_dataset_is_skipped_with_its_name(digits_ctx, tmp_path):
   import copy
   config = copy.deepcopy(digits_ctx.config)

@@ -16,7 +16,9 @@ def _pct(x) -> str:
 
 def report_markdown(meta, results) -> str:
   lines = [f'# Evaluation: {meta["model"]} ({meta.get("method")}) on {meta["dataset"]}', '',
-           f'workdir `{meta["workdir"]}`, {"EMA" if meta["ema"] else "raw"} weights, main (clean) BN.',
+           f'workdir `{meta["workdir"]}`, {"EMA" if meta["ema"] else "raw"} weights, ' + (
+               'main (clean) BN.' if meta.get('bn', 'clean') == 'clean' else
+               f'through the auxiliary BN of distribution {meta["bn"]!r} (not the inference BN).'),
            '', '| evaluator | status | top-1 (%) | top-5 (%) | examples |', '|---|---|---|---|---|']
   for name, r in results.items():
     if r['status'] != 'ok':

@@ -15,6 +15,7 @@ from advprop_jax import factories
 from advprop_jax import parallel
 from advprop_jax.eval import evaluators
 from advprop_jax.eval import report
+from advprop_jax.models import batchnorm
 
 
 def load_config(workdir, config=None):
@@ -31,20 +32,25 @@ def load_config(workdir, config=None):
                      'run)') from None
 
 
-def evaluate_workdir(workdir, config=None, *, names=None, output=None, ema=True, stylized_dir=None):
-  """Runs the evaluators on the newest checkpoint of `workdir`; returns (meta, results)."""
+def evaluate_workdir(workdir, config=None, *, names=None, output=None, ema=True, stylized_dir=None,
+                     step=None, bn=batchnorm.CLEAN):
+  """Runs the evaluators on the newest checkpoint of `workdir` (or `step`: a number or 'best'),
+  through the main BN or that of distribution `bn` (e.g. AdvProp's 'adv'); returns (meta,
+  results)."""
   if output:
     cli.check_writable('--output', output)  # before the evaluation, not after it
   config = load_config(workdir, config)
   plan = evaluators.evaluator_plan(config, names)
-  weights, fp = checkpoints.load_inference_variables(workdir, ema=ema)
+  weights, fp, step = checkpoints.load_inference_variables(workdir, ema=ema, step=step,
+                                                          with_step=True)
+  weights = batchnorm.with_main_bn_of(weights, bn)
   model = factories.build_model(config)
   mesh = parallel.create_mesh(config.bn_group_size)
   weights = jax.device_put(weights, parallel.replicated_sharding(mesh))
   ctx = evaluators.Context(config, model, mesh, stylized_dir)
   results = evaluators.run_evaluators(ctx, weights, plan)
   meta = dict(workdir=os.path.abspath(workdir), model=config.model, method=config.get('method'),
-              dataset=config.data.dataset, ema=ema, checkpoint_fingerprint=fp)
+              dataset=config.data.dataset, ema=ema, checkpoint_fingerprint=fp, step=step, bn=bn)
   write_report(output or os.path.join(workdir, 'eval'), meta, results)
   return meta, results
 
