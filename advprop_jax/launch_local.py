@@ -8,8 +8,7 @@ Starts `python -m advprop_jax.main <args> --distributed=yes --coordinator_addres
 over JAX's CPU collectives: per-process input shards, every process in checkpointing, process 0 writing,
 exactly as on a pod. Output lines are prefixed with [process I]. When one process fails, the others are
 stopped and the launcher exits with its exit code. `--process_is_slice` among the trainer's flags
-makes
-each process one slice of a multislice job (the mesh's slice axis; docs/tpu.md, "multislice").
+makes each process one slice of a multislice job (the mesh's slice axis; docs/tpu.md, "multislice").
 
 Signals: SIGTERM, SIGINT (Ctrl-C) and SIGHUP (terminal closed) to the launcher are forwarded to
 every process; they agree on a step, save a checkpoint there and exit. The launcher waits for them

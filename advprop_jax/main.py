@@ -6,14 +6,13 @@ checkpoint and exits. Bad flags and config values exit with code 2 and one line 
 before anything is compiled or written; a write that fails (disk full, no permission) with code 3
 and one line naming the file and the newest complete checkpoint; a diverged loss with code 1.
 
-Multi-host: on TPU VMs every process finds the others itself (`--distributed=auto`), across the
-slices
-of a Cloud TPU multislice job too (the mesh then has a slice axis: parallel.py). Elsewhere start one
-process per host (or several on one machine, `python -m advprop_jax.launch_local`) with
+Multi-host: on TPU VMs every process finds the others itself (`--distributed=auto`), across
+the slices of a Cloud TPU multislice job too (the mesh then has a slice axis: parallel.py).
+Elsewhere start one process per host (or several on one machine, `python -m
+advprop_jax.launch_local`) with
 `--distributed=yes --coordinator_address=HOST:PORT --num_processes=N --process_id=I`; SLURM and Open MPI
 jobs need only `--distributed=yes`. `--process_is_slice` makes each process a slice of its own (N
-local
-processes stand in for N slices: the multislice code path without TPUs).
+local processes stand in for N slices: the multislice code path without TPUs).
 """
 import functools
 import glob

@@ -1,11 +1,9 @@
 """The device mesh of the data-parallel step, its slices and its BatchNorm groups.
 
 The mesh has three axes: `slice` x `replica` x `bn`. Examples are sharded over all of them;
-gradients
-are averaged over all of them; BatchNorm batch statistics are averaged over `bn` only, so
+gradients are averaged over all of them; BatchNorm batch statistics are averaged over `bn` only, so
 `bn_group_size` contiguous devices of one slice share statistics (1: per-device BN, -1: all devices
-of
-a slice). `slice` is 1 on one TPU slice; N slices joined over the data-centre network (Cloud TPU
+of a slice). `slice` is 1 on one TPU slice; N slices joined over the data-centre network (Cloud TPU
 multislice) give it size N, and since a BN group lies inside the `bn` axis it never spans a slice:
 only the gradient mean (and the replicated state's) crosses the slower network.
 

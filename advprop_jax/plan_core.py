@@ -36,8 +36,7 @@ _COLLECTIVE = re.compile(r'=\s*(?P<type>.*?)\s(?P<op>all-reduce|all-gather|reduc
 _GROUPS_IOTA = re.compile(r'replica_groups=\[(\d+),(\d+)\]<=')
 _GROUPS_LIST = re.compile(r'replica_groups=\{\{([\d,]*)\}')
 # Multislice: libtpu compiles one slice's program; what crosses slices (over the data-centre
-# network,
-# DCN) is a `send` to the megascale runtime that names the collective it implements.
+# network, DCN) is a `send` to the megascale runtime that names the collective it implements.
 _MEGASCALE = re.compile(r'=\s*(?P<type>.*?)\ssend\(.*_xla_megascale_transfer_type="(?P<kind>\w+)"')
 _ARRAY = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
 _BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)

@@ -4,19 +4,18 @@ it.
 The global batch stays (and with it the recipe: learning rate, schedule, steps, BN group). What
 changes, in order of cost: nothing, if the step fits; else gradient accumulation k (the same FLOPs,
 k smaller micro-batches in sequence), the smallest k that fits; rematerialisation (about a third
-more
-FLOPs) only when no k fits without it.
+more FLOPs) only when no k fits without it.
 
 A compile of a big recipe costs 15-60 min here, so k is not searched. The first compile's buffer
 plan says how much of a core's HBM the fixed part takes (state, batch: arguments + outputs -
-aliased)
-and how much the temporaries that grow with the micro-batch (activations, attack); with temporaries
-proportional to the micro-batch, the smallest k whose estimate fits is a lower bound on the answer
-(real temporaries also hold a part that does not shrink), so one more compile confirms it. If that
-one does not fit, its temporaries give a second point of the line temp(b) = c + s b, the estimate
-is redone from the line and compiled once more (if the line says no k fits, the compiler's buffer
-plans are not that linear at small sizes: the next k tried is then the double). The same with remat,
-if needed. So k is the smallest the buffer plans predict, not proven minimal by compiling k - 1.
+aliased) and how much the temporaries that grow with the micro-batch (activations, attack); with
+temporaries proportional to the micro-batch, the smallest k whose estimate fits is a lower bound on
+the answer (real temporaries also hold a part that does not shrink), so one more compile confirms
+it. If that one does not fit, its temporaries give a second point of the line temp(b) = c + s b, the
+estimate is redone from the line and compiled once more (if the line says no k fits, the compiler's
+buffer plans are not that linear at small sizes: the next k tried is then the double). The same with
+remat, if needed. So k is the smallest the buffer plans predict, not proven minimal by compiling
+k - 1.
 """
 import shlex
 

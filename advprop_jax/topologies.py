@@ -19,9 +19,8 @@ accelerator type; any other shape can be given as a topology, e.g. `v4:2x2x3`.
 
 Multislice: `NxSLICE` (`2xv5litepod-256`, `4xv4-32`, `2xv5e:2x2`) is N such slices joined over the
 data-centre network (Cloud TPU multislice: v4, v5e, v5p, v6e). Its devices and processes are those
-of
-all N slices, numbered slice by slice; libtpu builds them with `num_slices=N`, each device carrying
-its `slice_index`.
+of all N slices, numbered slice by slice; libtpu builds them with `num_slices=N`, each device
+carrying its `slice_index`.
 
 This module imports nothing heavy: jax is imported inside slice_devices only.
 """

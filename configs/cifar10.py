@@ -86,8 +86,7 @@ def get_config(method: str = 'vanilla'):
   c.eval_batch_size = 500
   c.eval_every_epochs = 1.0
   c.eval_pgd_epsilons_pixels = (1.0,)
-  # Corruptions (evaluate / ablation): CIFAR-10-C's severities, made for 32 px (ImageNet-C's are
-  # not).
+  # Corruptions (evaluate / ablation): CIFAR-10-C's severities, made for 32 px (not ImageNet-C's).
   c.evaluate = ml_collections.ConfigDict({'corruptions': {'constants': 'cifar10_c'}})
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500

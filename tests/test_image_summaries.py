@@ -15,6 +15,7 @@ from advprop_jax import methods
 from advprop_jax import parallel
 from advprop_jax.data import normalization
 from conftest import tiny_efficientnet
+from test_train_step import make_config as train_step_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, BATCH, N = 16, 16, image_summaries.NUM_IMAGES
@@ -22,15 +23,9 @@ PREFIX = image_summaries.PREFIX
 
 
 def make_config(**fields):
-  c = config_lib.base_config()
-  c.num_classes = 10
-  c.attack.epsilon_pixels = 4.0
-  c.attack.step_size_pixels = 2.0
-  c.attack.num_steps = 2
-  c.fine_grained_epsilons_pixels = (1.0, 3.0)
-  c.afan.num_steps = 2
-  c.update_from_flattened_dict({k.replace('__', '.'): v for k, v in fields.items()})
-  return c
+  """test_train_step's config (eps 4 px, 2 PGD steps of 2 px), fine-grained epsilons 1 and 3 px."""
+  return train_step_config(**dict(dict(fine_grained_epsilons_pixels=(1.0, 3.0), afan__num_steps=2),
+                                  **fields))
 
 
 def images_of(config):

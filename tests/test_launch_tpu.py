@@ -363,8 +363,8 @@ def test_multislice_train_runs_the_same_trainer_on_every_worker_of_every_slice()
     assert flag(c, '--node') == 'all' and flag(c, '--worker') == 'all'
   kill, train = (flag(c, '--command') for c in cmds)
   assert 'pkill' in kill
-  # No multislice flag: jax.distributed and the mesh come up from the platform's MEGASCALE_*
-  # settings.
+  # No multislice flag: jax.distributed and the mesh come up from the platform's
+  # MEGASCALE_* settings.
   assert _trainer_argv(train) == ['.venv/bin/python', '-m', 'advprop_jax.main',
                                   f'--config={CONFIG}',
                                   f'--workdir={WORKDIR}', '--config.grad_accumulation_steps=2']

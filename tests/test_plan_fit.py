@@ -1,6 +1,5 @@
 """`plan --fit` (#28 item 3): the smallest gradient accumulation (then remat) whose step fits a
-slice,
-estimated from the first compile's buffer plan and confirmed by one more compile.
+slice, estimated from the first compile's buffer plan and confirmed by one more compile.
 
 The choice logic runs here on recorded buffer plans (no compile); the command line compiles a tiny
 model for a v5e slice whose batch does not fit one chip's HBM (libtpu; slow).
@@ -104,8 +103,8 @@ def test_the_train_command_keeps_the_overrides_and_adds_the_choice():
                      '--config.grad_accumulation_steps=4 --config.model_overrides.remat=True')
 
 
-# A v5e chip of 10 MiB. The tiny step's buffer plan at 256 images per core (libtpu 0.0.42,
-# measured):
+# A v5e chip of 10 MiB. The tiny step's buffer plan at 256 images per core (libtpu
+# 0.0.42, measured):
 # 13.7 MB at k = 1, 13.2 MB at k = 2, 8.1 MB at k = 4 -- so the k = 1 estimate (2) is corrected.
 SMALL_HBM = 10 * 2 ** 20
 

@@ -146,8 +146,8 @@ class EfficientNet(nn.Module):
   stages: Sequence[StageSpec] = B0_STAGES
   stem_features: int = 32
   head_features: int = 1280
-  # 1 for 32 px inputs (CIFAR): B0's five stride-2 layers would leave 1x1 features. Changes no
-  # parameter.
+  # 1 for 32 px inputs (CIFAR): B0's five stride-2 layers would leave 1x1 features. No
+  # parameter changes.
   stem_stride: int = 2
 
   @nn.compact
