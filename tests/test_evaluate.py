@@ -173,8 +173,7 @@ def test_corruptions_on_the_fly_use_the_chosen_severity_constants(digits_ctx_cop
   with config.unlocked():
     config.evaluate = dict(corruptions=dict(constants='cifar'))
   with pytest.raises(ValueError, match=r"config.evaluate.corruptions.constants='cifar'"):
-    evaluators.eval_corruptions(digits_ctx, digits_ctx.variables,
-                                evaluators.settings_of(config, 'corruptions'))
+    evaluators.evaluator_plan(config, ['clean', 'corruptions'])  # the plan, before any compile
 
 
 def test_missing_dataset_is_skipped_with_its_name(digits_ctx, tmp_path):

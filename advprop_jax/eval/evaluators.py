@@ -156,9 +156,7 @@ def eval_corruptions(ctx, variables, settings, done=None):
   clean_top1 = (done or {}).get('clean', {}).get('top1')  # the plan's clean result, if it ran
   on_the_fly = ctx.config.data.dataset != IMAGENET
   constants = settings['constants']
-  if constants not in corruptions.SEVERITY_CONSTANTS:
-    raise ValueError(f'config.evaluate.corruptions.constants={constants!r}: choose from '
-                     f'{sorted(corruptions.SEVERITY_CONSTANTS)}')
+  _check_corruptions(settings)
   types = settings['types'] or (corruptions.CORRUPTIONS if on_the_fly else
                                 robustness.IMAGENET_C_TYPES)
   if not on_the_fly:
@@ -195,6 +193,12 @@ def eval_corruptions(ctx, variables, settings, done=None):
   return summary
 
 
+def _check_corruptions(settings):
+  if settings['constants'] not in corruptions.SEVERITY_CONSTANTS:
+    raise ValueError(f'config.evaluate.corruptions.constants={settings["constants"]!r}: choose '
+                     f'from {sorted(corruptions.SEVERITY_CONSTANTS)}')
+
+
 def _eval_imagenet_dataset(name, subset=False):
   def evaluator(ctx, variables, settings, done=None):
     del done
@@ -227,6 +231,7 @@ class Evaluator:
   defaults: dict
   from_config: object = None  # training config -> settings it implies (before config.evaluate)
   final_scalars: object = None  # (result, weights) -> final_metrics.json entries
+  check: object = None  # settings -> None, or ValueError naming the setting (before any compile)
 
 
 EVALUATORS = {
@@ -234,7 +239,8 @@ EVALUATORS = {
     'pgd': Evaluator(eval_pgd, dict(epsilons_pixels=(0.0, 1.0, 2.0, 4.0), step_size_pixels=None,
                                     num_steps=0), _pgd_from_config, _pgd_final),
     'corruptions': Evaluator(eval_corruptions, dict(types=None, severities=(1, 2, 3, 4, 5), seed=0,
-                                                    max_examples=None, constants='imagenet_c')),
+                                                    max_examples=None, constants='imagenet_c'),
+                             check=_check_corruptions),
     'imagenet_a': Evaluator(_eval_imagenet_dataset('ImageNet-A', subset=True),
                             dict(dataset='imagenet_a', split='test')),
     'imagenet_r': Evaluator(_eval_imagenet_dataset('ImageNet-R', subset=True),
@@ -263,6 +269,8 @@ def settings_of(config, name: str) -> dict:
   if unknown:
     raise ValueError(f'config.evaluate.{name}: unknown settings {sorted(unknown)}')
   settings.update(cfg.get(name, {}))
+  if evaluator.check is not None:
+    evaluator.check(settings)
   return settings
 
 
