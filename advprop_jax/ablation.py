@@ -57,8 +57,10 @@ COLUMNS = ('clean top-1 (%)', f'PGD-{EVAL_PGD_EPS:g}px top-1 (%)', 'corruptions 
 KEYS = ('clean', 'pgd', 'corruptions', 'step_ms', 'rel_step')
 
 
-def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=False):
-  """The config of one run, budget-matched to `steps` optimizer steps (default: epochs of vanilla)."""
+def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=False,
+                  corruption_examples=None):
+  """The config of one run, budget-matched to `steps` optimizer steps (default: epochs of vanilla);
+  `corruption_examples`: the first N evaluation images per corruption and severity (default all)."""
   c = config_lib.load_file(config_path, method)
   c.seed = int(seed)
   c.fine_grained_epsilons_pixels = (2.0, 4.0)
@@ -66,7 +68,7 @@ def method_config(config_path, method, seed, *, epochs=None, steps=None, quick=F
   c.eval_pgd_epsilons_pixels = (EVAL_PGD_EPS,)
   # The config's own severity constants (configs/cifar10.py: CIFAR-10-C's), else ImageNet-C's.
   own = c.evaluate.to_dict().get('corruptions', {}) if 'evaluate' in c else {}
-  corruptions = dict(severities=(1, 2, 3, 4, 5), seed=0, max_examples=None,
+  corruptions = dict(severities=(1, 2, 3, 4, 5), seed=0, max_examples=corruption_examples,
                      constants=own.get('constants', 'imagenet_c'))
   if quick:
     c.model_overrides.stages = QUICK_STAGES
@@ -285,16 +287,19 @@ def write_plot(table, diffs, path):
 
 
 def run_ablation(workdir, method_names=ALL_METHODS, seeds=(0,), *, epochs=None, steps=None,
-                 config_path='configs/demo.py', quick=False, command=None) -> dict:
+                 config_path='configs/demo.py', quick=False, corruption_examples=None,
+                 command=None) -> dict:
   start = time.time()
-  runs, settings = {}, {}
-  for name in method_names:
-    for seed in seeds:
-      config = method_config(config_path, name, seed, epochs=epochs, steps=steps, quick=quick)
+  runs, settings = {name: {} for name in method_names}, {}
+  # Seed by seed, every method: a study stopped part-way already holds complete pairs.
+  for seed in seeds:
+    for name in method_names:
+      config = method_config(config_path, name, seed, epochs=epochs, steps=steps, quick=quick,
+                             corruption_examples=corruption_examples)
       settings[name] = dict(steps=config.max_steps, loader_batch=factories.loader_batch_size(config))
       run_dir = os.path.join(workdir, name, f'seed{seed}')
       logging.info('ablation: %s seed %d (%d steps) in %s', name, seed, config.max_steps, run_dir)
-      runs.setdefault(name, {})[seed] = run_one(config, run_dir)
+      runs[name][seed] = run_one(config, run_dir)
   table, diffs, by_corruption = (aggregate(runs), paired_differences(runs),
                                  per_corruption_table(runs))
   first = next(iter(settings.values()))
@@ -308,7 +313,8 @@ def run_ablation(workdir, method_names=ALL_METHODS, seeds=(0,), *, epochs=None, 
         f'eps+1 steps of 1 px (same for all). Corruptions: mean top-1 over the corruption suite '
         f'(advprop_jax.data.corruptions, {config.evaluate.corruptions.constants} severity '
         'constants, severities ' +
-        ','.join(map(str, config.evaluate.corruptions.severities)) + '). Step time: training-loop '
+        ','.join(map(str, config.evaluate.corruptions.severities)) + ('' if not corruption_examples
+        else f'; the first {corruption_examples} evaluation images') + '). Step time: training-loop '
         'wall time per step excluding the first (compiling) step; relative to vanilla\'s mean.', '',
         markdown_table(table), '',
         'Rows "(aux BN d)": the same EMA weights evaluated through the auxiliary BN of '
@@ -345,6 +351,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer('steps', None, 'Optimizer steps per run (overrides --epochs).', **fv)
   flags.DEFINE_string('config', 'configs/demo.py', 'Config file whose get_config(method) is used.', **fv)
   flags.DEFINE_bool('quick', False, 'Tiny model, 16 px, few steps (tests).', **fv)
+  flags.DEFINE_integer('corruption_examples', None, 'Evaluate each corruption and severity on the '
+                       'first N evaluation images (default: all of them).', lower_bound=1, **fv)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
@@ -375,7 +383,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   command = 'python -m advprop_jax.ablation ' + ' '.join(sys.argv[1:])
   table = run_ablation(flag_values.workdir, flag_values.methods, seeds, epochs=flag_values.epochs,
                        steps=steps, config_path=flag_values.config, quick=flag_values.quick,
-                       command=command)
+                       corruption_examples=flag_values.corruption_examples, command=command)
   print(markdown_table(table))
 
 

@@ -13,17 +13,12 @@ Model: EfficientNet-B0 at width 0.5 / depth 0.5 (10 blocks, channels 8 ... 160, 
 stride-1 stem (model_overrides.stem_stride=1; 663,530 parameters, 10 classes). B0's five stride-2
 layers leave 1x1 features at 32 px; without the stem's stride the last stage sees 2x2 and the first
 32x32, the resolution ladder B0 has at 128 px. Chosen by the CPU time the real training step costs
-per image on this 2-core machine (/tmp script timing time.process_time over steps of 128, because
-the machine was shared; 2-core figures = 2 / CPU-seconds per image):
-  this model                                          0.0099 CPU-s/img -> ~200 img/s on 2 cores
-  ResNet bottleneck (1,1,1,1), width 16, CIFAR stem   0.0317 CPU-s/img ->  ~63 img/s (3.2x slower:
-    XLA:CPU's dense 3x3 convolutions on 16-64 channels at 32x32 run at ~10 GFLOP/s per core)
-CPU time measured on a loaded machine is inflated: the same script gives B0's stride-2 stem 725
-img/s where benchmarks.throughput measured 1,660 idle, so this model runs ~250-460 img/s idle,
-and 12 epochs (600,000 images, 2,343 steps) plus compilation (~2 min) and 12 evaluations of the
-10,000 test images (~30 s each) fit 40 minutes. The first run (shared machine, nice 19: 72-134
-img/s wall, 0.0079 CPU-s/img) and its accuracy curve: benchmarks/RESULTS.md. It was stopped at
-epoch 5 of 12 (59.2 % EMA clean top-1): whether 12 epochs reach the 85 % goal is not yet measured.
+per image on this 2-core machine (benchmarks/RESULTS.md, "CIFAR-10 from scratch"): a ResNet with a
+CIFAR stem costs ~3x more per image (XLA:CPU's dense 3x3 convolutions on 16-64 channels at 32x32),
+too slow for enough epochs in 40 minutes. Idle, this model trains 420-700 img/s on the two cores
+(~500 on average): 25 epochs (1.25 M images, 4,882 steps of 256) plus compilation (~30 s) and 25
+evaluations of the 10,000 test images (~5 s each) take ~40-45 minutes. A 12-epoch schedule stopped
+half-way at 63 % (RESULTS), too short for the 85 % goal.
 
 Recipe (our choices for a short schedule, not published numbers): SGD, Nesterov momentum 0.9, LR
 0.2 per 256 images, 1 warm-up epoch, cosine to 0, coupled weight decay 1e-4 on non-BN weights
@@ -39,7 +34,7 @@ import ml_collections
 from advprop_jax import config as config_lib
 from advprop_jax import methods
 
-NUM_EPOCHS = 12.0
+NUM_EPOCHS = 25.0
 # Fast AdvProp costs ~1.2x a vanilla step per loader image: fewer epochs, same budget (RECIPE §4).
 EPOCHS = {'fast_advprop': NUM_EPOCHS * 87 / 105}
 

@@ -33,6 +33,9 @@ def test_every_method_gets_the_same_number_of_optimizer_steps(epochs):
   assert factories.loader_batch_size(configs['fast_advprop']) == 80  # 1.25x the images per step
   assert configs['fine_grained_advprop'].fine_grained_epsilons_pixels == (2.0, 4.0)
   assert configs['afan'].afan.stage == 1
+  assert configs['vanilla'].evaluate.corruptions.max_examples is None  # all images by default
+  c = ablation.method_config(CONFIG, 'advprop', 0, epochs=epochs, corruption_examples=500)
+  assert c.evaluate.corruptions.max_examples == 500
 
 
 def test_table_mean_std_and_relative_step_time():
