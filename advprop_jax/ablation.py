@@ -2,7 +2,7 @@
 
   python -m advprop_jax.ablation --workdir=DIR [--methods=vanilla,adv_train,advprop,
       fine_grained_advprop,fast_advprop,afan] [--seeds=0,1,2] [--epochs=E | --steps=N]
-      [--config=configs/demo.py] [--quick]
+      [--config=configs/demo.py] [--corruption_examples=N] [--quick]
 
 Each (method, seed) trains with trainer.train_and_evaluate in DIR/<method>/seed<k> (so an interrupted
 ablation resumes from the runs' checkpoints; finished runs are read back, not retrained), then the EMA
